@@ -1,0 +1,1 @@
+"""Batched generation and scoring for many agents at once."""

@@ -1,0 +1,1 @@
+"""Evaluation of simulated against real populations."""

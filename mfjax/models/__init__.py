@@ -1,0 +1,1 @@
+"""Backbone LLMs: pure-function maths (layers, decoder) and the NNX module wrapper."""

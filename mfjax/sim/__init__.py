@@ -1,0 +1,1 @@
+"""The MF-LLM simulation: prompts and the scanned rollout over time."""

@@ -1,0 +1,1 @@
+"""IB-Tune: information-bottleneck fine-tuning of the policy and mean-field models."""
