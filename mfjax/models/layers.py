@@ -1,0 +1,209 @@
+"""Pure functions for the decoder maths: norms, rotary embeddings, attention, MLP.
+
+Shape letters: B batch, T query length, S key length, D model, N q-heads, K kv-heads, G q-heads per
+kv-head (N = K·G), H head dim, F ffn, V vocab. For grouped (shared-prefix) attention: E groups that each
+share one prefix, R rows per group (B = E·R), P prefix length.
+
+Numerics follow DESIGN.md: activations in the parameter dtype, float32 for norm statistics, RoPE angles,
+attention logits and softmax.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mfjax.config import ModelConfig, RopeScaling
+
+# Key position of an empty or padded cache slot: larger than any query position, so causal masking
+# (key_pos <= query_pos) hides it without a separate validity mask.
+INVALID_POS = 2**30
+
+ATTENTION_IMPLS = ("xla", "cudnn", "jax")
+
+
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float, plus_one: bool) -> jax.Array:
+    """RMSNorm with float32 statistics; Gemma scales by (1 + w) in float32, the others by w in x's dtype."""
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    if plus_one:
+        return (normed * (1.0 + weight.astype(jnp.float32))).astype(x.dtype)
+    return weight * normed.astype(x.dtype)
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None) -> np.ndarray:
+    """Inverse frequencies [H/2] in float32, with Llama-3 or linear scaling applied."""
+    exponents = np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / np.float32(head_dim)
+    inv_freq = (1.0 / (np.float32(theta) ** exponents)).astype(np.float32)
+    if scaling is None:
+        return inv_freq
+    if scaling.kind == "linear":
+        return (inv_freq / np.float32(scaling.factor)).astype(np.float32)
+    # Llama 3: long wavelengths divided by `factor`, short ones kept, a smooth blend in between.
+    old_len = scaling.original_max_position_embeddings
+    low_wavelen = old_len / scaling.low_freq_factor
+    high_wavelen = old_len / scaling.high_freq_factor
+    wavelen = 2 * np.pi / inv_freq
+    scaled = np.where(wavelen > low_wavelen, inv_freq / scaling.factor, inv_freq)
+    smooth = (old_len / wavelen - scaling.low_freq_factor) / (scaling.high_freq_factor - scaling.low_freq_factor)
+    smoothed = (1 - smooth) * scaled / scaling.factor + smooth * scaled
+    medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+    return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
+    """Rotates x [B, T, heads, H] by angles positions[B, T] × inv_freq (half-split layout, as HF)."""
+    angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)  # [B, T, H/2]
+    cos = jnp.cos(angles)[:, :, None, :]
+    sin = jnp.sin(angles)[:, :, None, :]
+    x32 = x.astype(jnp.float32)
+    x1, x2 = jnp.split(x32, 2, axis=-1)
+    rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return rotated.astype(x.dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class KVSegment:
+    """Keys/values a query attends to, with the absolute position of each key.
+
+    ``grouped`` segments (a shared prefix) have leading dim E = B / R and are read once for the R rows
+    of each group (cascade attention) instead of being copied per row.
+    """
+
+    k: jax.Array  # [B or E, S, K, H]
+    v: jax.Array  # [B or E, S, K, H]
+    pos: jax.Array  # [B or E, S] int32, INVALID_POS where empty
+    grouped: bool = False
+
+
+def _attention_mask(q_pos: jax.Array, k_pos: jax.Array, window: jax.Array | int | None) -> jax.Array:
+    """[b, T, S] bool: causal by position, inside the sliding window when one is given."""
+    q = q_pos[:, :, None]
+    k = k_pos[:, None, :]
+    mask = k <= q
+    if window is not None:
+        mask &= (q - k) < window
+    return mask
+
+
+def attention(
+    q: jax.Array,
+    segments: Sequence[KVSegment],
+    q_pos: jax.Array,
+    *,
+    scale: float,
+    window: jax.Array | int | None = None,
+    softcap: float | None = None,
+    impl: str = "xla",
+) -> jax.Array:
+    """Multi-head GQA attention of q [B, T, N, H] over one or more key/value segments.
+
+    Scores of all segments share one softmax (concatenated along keys), so a grouped prefix segment is
+    exactly equivalent to prepending the prefix to every row, while its keys are read once per group.
+    Rows whose every key is masked (padding queries) return zeros.
+    """
+    if impl in ("cudnn", "jax") and softcap is None:
+        return _attention_dot_product(q, segments, q_pos, scale=scale, window=window, impl=impl)
+    B, T, N, H = q.shape
+    K = segments[0].k.shape[-2]
+    G = N // K
+    qg = q.reshape(B, T, K, G, H)
+    scores, masks = [], []
+    for seg in segments:
+        if seg.grouped:
+            E = seg.k.shape[0]
+            R = B // E
+            s = jnp.einsum("ertkgh,epkh->erkgtp", qg.reshape(E, R, T, K, G, H), seg.k,
+                           preferred_element_type=jnp.float32).reshape(B, K, G, T, -1)
+            m = _attention_mask(q_pos, jnp.repeat(seg.pos, R, axis=0), window)
+        else:
+            s = jnp.einsum("btkgh,bskh->bkgts", qg, seg.k, preferred_element_type=jnp.float32)
+            m = _attention_mask(q_pos, seg.pos, window)
+        scores.append(s)
+        masks.append(m)
+    logits = jnp.concatenate(scores, axis=-1) * scale
+    if softcap is not None:
+        logits = jnp.tanh(logits / softcap) * softcap
+    mask = jnp.concatenate(masks, axis=-1)[:, None, None]  # [B, 1, 1, T, S]
+    logits = jnp.where(mask, logits, -jnp.inf)
+    row_max = jnp.max(logits, axis=-1, keepdims=True)
+    row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
+    weights = jnp.exp(logits - row_max)
+    denom = jnp.sum(weights, axis=-1, keepdims=True)
+    probs = weights / jnp.where(denom > 0, denom, 1.0)
+
+    out = jnp.zeros((B, T, K, G, H), jnp.float32)
+    start = 0
+    for seg in segments:
+        length = seg.k.shape[1]
+        p = probs[..., start:start + length].astype(seg.v.dtype)
+        start += length
+        if seg.grouped:
+            E = seg.v.shape[0]
+            R = B // E
+            o = jnp.einsum("erkgtp,epkh->ertkgh", p.reshape(E, R, K, G, T, length), seg.v,
+                           preferred_element_type=jnp.float32).reshape(B, T, K, G, H)
+        else:
+            o = jnp.einsum("bkgts,bskh->btkgh", p, seg.v, preferred_element_type=jnp.float32)
+        out = out + o
+    return out.reshape(B, T, N, H).astype(q.dtype)
+
+
+def _attention_dot_product(q, segments, q_pos, *, scale, window, impl):
+    """``jax.nn.dot_product_attention`` path (cuDNN on GPU). Grouped segments are broadcast to rows,
+    since the fused kernel takes one key tensor per row."""
+    B = q.shape[0]
+    ks, vs, ps = [], [], []
+    for seg in segments:
+        if seg.grouped:
+            R = B // seg.k.shape[0]
+            ks.append(jnp.repeat(seg.k, R, axis=0))
+            vs.append(jnp.repeat(seg.v, R, axis=0))
+            ps.append(jnp.repeat(seg.pos, R, axis=0))
+        else:
+            ks.append(seg.k)
+            vs.append(seg.v)
+            ps.append(seg.pos)
+    k = jnp.concatenate(ks, axis=1)
+    v = jnp.concatenate(vs, axis=1)
+    mask = _attention_mask(q_pos, jnp.concatenate(ps, axis=1), window)
+    # A query with no visible key (padding) would give NaN in the fused kernel: let it see key 0;
+    # its output is discarded by the caller anyway.
+    empty = ~jnp.any(mask, axis=-1, keepdims=True)
+    mask = mask | (empty & (jnp.arange(mask.shape[-1]) == 0))
+    out = jax.nn.dot_product_attention(
+        q, k.astype(q.dtype), v.astype(q.dtype), mask=mask[:, None], scale=scale,
+        implementation="cudnn" if impl == "cudnn" else None,
+    )
+    return jnp.where(empty[..., None], 0, out).astype(q.dtype)
+
+
+def gated_mlp(x: jax.Array, gate: jax.Array, up: jax.Array, down: jax.Array, act: str) -> jax.Array:
+    """SwiGLU ('silu') or GeGLU ('gelu_tanh') MLP: down(act(x·gate) * (x·up))."""
+    g = jnp.einsum("btd,df->btf", x, gate)
+    u = jnp.einsum("btd,df->btf", x, up)
+    if act == "silu":
+        h = jax.nn.silu(g)
+    elif act == "gelu_tanh":
+        h = jax.nn.gelu(g, approximate=True)
+    else:
+        raise ValueError(f"unknown activation {act!r}")
+    return jnp.einsum("btf,fd->btd", h * u, down)
+
+
+def softcap(x: jax.Array, cap: float | None) -> jax.Array:
+    """tanh soft-capping to (-cap, cap); identity when cap is None."""
+    return x if cap is None else jnp.tanh(x / cap) * cap
+
+
+def layer_window(cfg: ModelConfig, sliding: bool | jax.Array) -> jax.Array | int | None:
+    """The attention window of a layer: the config's sliding window where ``sliding``, else unbounded."""
+    if not cfg.sliding_window:
+        return None
+    if isinstance(sliding, (bool, np.bool_)):
+        return cfg.sliding_window if sliding else None
+    return jnp.where(sliding, cfg.sliding_window, INVALID_POS)
