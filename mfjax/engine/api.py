@@ -1,0 +1,103 @@
+"""Plain text API for notebooks: ``generate(model, tokenizer, prompts) -> texts`` and scoring.
+
+Tokenizes on the host, pads to length buckets (so new prompt lengths within a bucket reuse the compiled
+program), runs the jitted token-level functions, and detokenizes.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mfjax.config import ModelConfig
+from mfjax.engine.generate import (GenerateConfig, bucket_length, generate_tokens_jit, pad_rows,
+                                   prefill_prefix_jit)
+from mfjax.engine.sampling import SamplingConfig, row_keys
+from mfjax.engine.score import score_tokens_jit
+from mfjax.models.params import unstack_layers
+
+
+class Engine:
+    """A model (parameters in the decode layout), its tokenizer, and bucketing settings."""
+
+    def __init__(self, cfg: ModelConfig, params, tokenizer, *, attn_impl: str | None = None,
+                 buckets: Sequence[int] | None = None):
+        self.cfg = cfg
+        self.params = unstack_layers(params)
+        self.tokenizer = tokenizer
+        self.attn_impl = attn_impl or default_attn_impl()
+        self.buckets = tuple(buckets) if buckets else None
+
+    @classmethod
+    def from_model(cls, model, tokenizer, **kwargs) -> "Engine":
+        """From a :class:`mfjax.models.module.CausalLM`."""
+        return cls(model.cfg, model.pure_params(), tokenizer, **kwargs)
+
+    def _encode(self, texts: Sequence[str], chat: bool) -> list[list[int]]:
+        if chat:
+            texts = [self.tokenizer.apply_chat_template(t) for t in texts]
+        return [self.tokenizer.encode(t) for t in texts]
+
+    def generate_ids(self, prompts: Sequence[Sequence[int]], *, prefix: Sequence[int] | None = None,
+                     gcfg: GenerateConfig, seed: int = 0) -> list[list[int]]:
+        """Token-level generation; returns each row's new tokens up to and including its stop token."""
+        suffix, lens = pad_rows(prompts, bucket_length(max(len(p) for p in prompts), self.buckets),
+                                gcfg.pad_token_id, left=True)
+        pre = None
+        if prefix is not None:
+            ptoks, plens = pad_rows([prefix], bucket_length(len(prefix), self.buckets), gcfg.pad_token_id, left=False)
+            pre = prefill_prefix_jit(self.params, self.cfg, ptoks, plens, attn_impl=gcfg.attn_impl)
+        keys = row_keys(seed, jnp.arange(len(prompts)), 0)
+        out = generate_tokens_jit(self.params, self.cfg, gcfg, suffix, lens, keys, pre)
+        tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
+        return [tokens[i, :lengths[i]].tolist() for i in range(len(prompts))]
+
+    def generate(self, prompts: Sequence[str], *, shared_prefix: str | None = None, max_new_tokens: int = 50,
+                 min_new_tokens: int = 0, sampling: SamplingConfig | None = None, seed: int = 0,
+                 stop_token_ids: Sequence[int] | None = None, chat: bool = False) -> list[str]:
+        """Generates a continuation of each prompt (``shared_prefix`` + prompt when a prefix is given).
+
+        ``sampling`` defaults to greedy. With ``chat``, the checkpoint's chat template wraps
+        ``shared_prefix + prompt`` as one user turn (the template's head joins the prefix).
+        """
+        if not prompts:
+            return []
+        tok = self.tokenizer
+        gcfg = GenerateConfig(
+            max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
+            sampling=sampling or SamplingConfig(temperature=None),
+            stop_token_ids=tuple(stop_token_ids if stop_token_ids is not None else tok.eos_token_ids),
+            pad_token_id=tok.pad_token_id, attn_impl=self.attn_impl,
+        )
+        if shared_prefix is None:
+            ids = self.generate_ids(self._encode(prompts, chat), gcfg=gcfg, seed=seed)
+        else:
+            head, tail = tok.chat_template_parts() if chat and tok.has_chat_template else ("", "")
+            prefix = tok.encode(head + shared_prefix)
+            rows = [tok.encode(p + tail) for p in prompts]
+            ids = self.generate_ids(rows, prefix=prefix, gcfg=gcfg, seed=seed)
+        return [tok.decode(r) for r in ids]
+
+    def score(self, prompts: Sequence[str], continuations: Sequence[str]) -> np.ndarray:
+        """Summed log-probability of each continuation given its prompt (float64 [B])."""
+        tok = self.tokenizer
+        p_ids = [tok.encode(p) for p in prompts]
+        c_ids = [tok.encode(c) for c in continuations]
+        prompt, plens = pad_rows(p_ids, bucket_length(max(map(len, p_ids)), self.buckets), tok.pad_token_id, left=True)
+        target, tlens = pad_rows(c_ids, bucket_length(max(map(len, c_ids)), self.buckets), tok.pad_token_id, left=False)
+        logprobs = score_tokens_jit(self.params, self.cfg, prompt, plens, target, tlens, attn_impl=self.attn_impl)
+        return np.asarray(logprobs, np.float64).sum(axis=1)
+
+
+def default_attn_impl() -> str:
+    """cuDNN attention on GPU (measured 6-10x faster than XLA there), XLA elsewhere."""
+    return "cudnn" if jax.default_backend() == "gpu" else "xla"
+
+
+def generate(model, tokenizer, prompts: Sequence[str], **kwargs) -> list[str]:
+    """One-call text generation for notebooks: ``generate(CausalLM.from_hf(d), Tokenizer.from_dir(d), [...])``."""
+    engine_kwargs = {k: kwargs.pop(k) for k in ("attn_impl", "buckets") if k in kwargs}
+    return Engine.from_model(model, tokenizer, **engine_kwargs).generate(prompts, **kwargs)

@@ -1,0 +1,232 @@
+"""Token-level batched generation: shared-prefix prefill, per-row prefill, and a decode loop inside jit.
+
+Layout of one generation call (B rows in E groups of R = B / E rows; each group shares a prefix):
+
+* the **prefix** of each group, right-padded to a bucket P, is prefilled once into a grouped cache
+  [E, P, K, H] — positions 0 … len-1, padding invalid;
+* each row's own **suffix**, left-padded to a bucket Ts, is prefilled into the row's cache [B, Ts + M]
+  (M = max_new_tokens) while attending to its group's prefix (cascade attention: the prefix keys are read
+  once per group, never copied per row); its positions continue from its group's prefix length, so the
+  row sees exactly the concatenated prompt;
+* the **decode loop** (``lax.while_loop``, early stop when every row has stopped) writes token t at slot
+  Ts + t of every row and samples with per-row keys ``fold_in(row_key, t)``.
+
+All functions are pure and traceable, so the simulator can call them inside its own ``lax.scan``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+
+from mfjax.config import ModelConfig
+from mfjax.engine.kvcache import KVCache, init_cache
+from mfjax.engine.sampling import SamplingConfig, sample_tokens
+from mfjax.models import decoder
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerateConfig:
+    """Static settings of one generation call (hashable: a jit static argument)."""
+
+    max_new_tokens: int = 50
+    min_new_tokens: int = 0
+    sampling: SamplingConfig = SamplingConfig(temperature=None)
+    stop_token_ids: tuple[int, ...] = ()
+    pad_token_id: int = 0
+    attn_impl: str = "xla"
+    early_stop: bool = True  # leave the loop once every row has emitted a stop token
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if not 0 <= self.min_new_tokens <= self.max_new_tokens:
+            raise ValueError(f"min_new_tokens must be in [0, max_new_tokens], got {self.min_new_tokens}")
+        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class Prefix:
+    """A prefilled group prefix: cache [E, P, ...] plus its tokens (for the repetition penalty)."""
+
+    cache: KVCache
+    tokens: jax.Array  # [E, P] int32
+    lengths: jax.Array  # [E] int32
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class Generated:
+    """Generated tokens [B, M] (pad after the stop token, which is kept) and counts [B]."""
+
+    tokens: jax.Array
+    lengths: jax.Array
+    finished: jax.Array  # [B] bool: a stop token was emitted
+
+
+def right_padded_positions(lengths: jax.Array, width: int, offset: jax.Array | int = 0) -> jax.Array:
+    """Positions [B, width] of right-padded rows: offset + 0 … len-1, then -1."""
+    idx = jnp.arange(width, dtype=jnp.int32)[None, :]
+    lengths = lengths[:, None]
+    return jnp.where(idx < lengths, idx + jnp.asarray(offset, jnp.int32).reshape(-1, 1), -1)
+
+
+def left_padded_positions(lengths: jax.Array, width: int, offset: jax.Array | int = 0) -> jax.Array:
+    """Positions [B, width] of left-padded rows: -1 over the padding, then offset + 0 … len-1."""
+    idx = jnp.arange(width, dtype=jnp.int32)[None, :]
+    start = width - lengths[:, None]
+    return jnp.where(idx >= start, idx - start + jnp.asarray(offset, jnp.int32).reshape(-1, 1), -1)
+
+
+def prefill_prefix(params, cfg: ModelConfig, tokens: jax.Array, lengths: jax.Array, *,
+                   attn_impl: str = "xla", cache_dtype=None) -> Prefix:
+    """Prefills right-padded prefixes tokens [E, P] (``lengths`` [E]) into a grouped cache."""
+    E, P = tokens.shape
+    cache = init_cache(cfg, E, P, dtype=cache_dtype or params["embed"].dtype,
+                       stacked=not isinstance(params["layers"], (list, tuple)))
+    _, cache = decoder.forward(params, cfg, tokens, right_padded_positions(lengths, P), cache=cache,
+                               cache_index=0, attn_impl=attn_impl)
+    return Prefix(cache=cache, tokens=tokens.astype(jnp.int32), lengths=lengths.astype(jnp.int32))
+
+
+def _history(prefix: Prefix | None, rows_per_group: int, suffix: jax.Array, suffix_lens: jax.Array, max_new: int):
+    """Token history [B, P + Ts + M] and its validity, for the repetition penalty (HF penalises every
+    prompt and generated token; padding is not part of the prompt here)."""
+    B, Ts = suffix.shape
+    pad_start = Ts - suffix_lens[:, None]
+    parts = [suffix]
+    valid = [jnp.arange(Ts)[None, :] >= pad_start]
+    if prefix is not None:
+        P = prefix.tokens.shape[1]
+        parts.insert(0, jnp.repeat(prefix.tokens, rows_per_group, axis=0))
+        valid.insert(0, jnp.repeat(jnp.arange(P)[None, :] < prefix.lengths[:, None], rows_per_group, axis=0))
+    parts.append(jnp.zeros((B, max_new), jnp.int32))
+    valid.append(jnp.zeros((B, max_new), bool))
+    return jnp.concatenate(parts, axis=1).astype(jnp.int32), jnp.concatenate(valid, axis=1)
+
+
+def generate_tokens(params, cfg: ModelConfig, gcfg: GenerateConfig, suffix: jax.Array, suffix_lens: jax.Array,
+                    keys: jax.Array, prefix: Prefix | None = None, cache_dtype=None) -> Generated:
+    """Generates up to ``gcfg.max_new_tokens`` tokens for each of B rows.
+
+    Args:
+      params: decoder parameters (unstacked layers are the fast layout for decode).
+      suffix: [B, Ts] left-padded prompt tokens of each row (the whole prompt when ``prefix`` is None).
+      suffix_lens: [B] real lengths.
+      keys: [B] per-row PRNG keys (typed); token t of row b is drawn with ``fold_in(keys[b], t)``.
+      prefix: optional group prefix (see :func:`prefill_prefix`); row b belongs to group b // (B / E).
+    """
+    B, Ts = suffix.shape
+    M = gcfg.max_new_tokens
+    suffix_lens = suffix_lens.astype(jnp.int32)
+    if prefix is not None:
+        E = prefix.tokens.shape[0]
+        if B % E:
+            raise ValueError(f"{B} rows do not split into {E} prefix groups")
+        R = B // E
+        offset = jnp.repeat(prefix.lengths, R)
+        hist_offset = prefix.tokens.shape[1]
+    else:
+        R, offset, hist_offset = 1, jnp.zeros((B,), jnp.int32), 0
+    prefix_cache = None if prefix is None else prefix.cache
+
+    cache = init_cache(cfg, B, Ts + M, dtype=cache_dtype or params["embed"].dtype,
+                       stacked=not isinstance(params["layers"], (list, tuple)))
+    hidden, cache = decoder.forward(params, cfg, suffix, left_padded_positions(suffix_lens, Ts, offset),
+                                    cache=cache, cache_index=0, prefix=prefix_cache, attn_impl=gcfg.attn_impl)
+    first_logits = decoder.logits(params, cfg, hidden[:, -1])
+    history, history_valid = _history(prefix, R, suffix, suffix_lens, M)
+    next_pos = offset + suffix_lens
+    stop_ids = jnp.asarray(gcfg.stop_token_ids or (-1,), jnp.int32)
+
+    def cond(carry):
+        step, _, _, done, *_ = carry
+        keep_going = step < M
+        if gcfg.early_stop:
+            keep_going &= ~jnp.all(done)
+        return keep_going
+
+    def body(carry):
+        step, logits, cache, done, out, history, history_valid = carry
+        if gcfg.stop_token_ids and gcfg.min_new_tokens:
+            logits = jnp.where((step < gcfg.min_new_tokens) & jnp.isin(jnp.arange(logits.shape[-1]), stop_ids),
+                               -jnp.inf, logits)
+        step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, step)
+        token = sample_tokens(logits, step_keys, gcfg.sampling, history, history_valid)
+        token = jnp.where(done, gcfg.pad_token_id, token)
+        out = out.at[:, step].set(token)
+        history = history.at[:, hist_offset + Ts + step].set(token)
+        history_valid = history_valid.at[:, hist_offset + Ts + step].set(~done)
+        done = done | jnp.isin(token, stop_ids)
+        hidden, cache = decoder.forward(params, cfg, token[:, None], (next_pos + step)[:, None], cache=cache,
+                                        cache_index=Ts + step, prefix=prefix_cache, attn_impl=gcfg.attn_impl)
+        logits = decoder.logits(params, cfg, hidden[:, 0])
+        return step + 1, logits, cache, done, out, history, history_valid
+
+    out = jnp.full((B, M), gcfg.pad_token_id, jnp.int32)
+    done = jnp.zeros((B,), bool)
+    carry = (jnp.int32(0), first_logits, cache, done, out, history, history_valid)
+    _, _, _, done, out, _, history_valid = jax.lax.while_loop(cond, body, carry)
+    lengths = jnp.sum(history_valid[:, hist_offset + Ts:], axis=1).astype(jnp.int32)
+    return Generated(tokens=out, lengths=lengths, finished=done)
+
+
+def step_logits(params, cfg: ModelConfig, gcfg: GenerateConfig, suffix, suffix_lens, prefix: Prefix | None,
+                tokens: jax.Array) -> jax.Array:
+    """Logits [B, M, V] that the decode loop saw before drawing each of ``tokens`` [B, M] (teacher
+    forced through the same cache path) — to check cached decode against a full forward."""
+    B, Ts = suffix.shape
+    M = tokens.shape[1]
+    R = 1 if prefix is None else B // prefix.tokens.shape[0]
+    offset = jnp.zeros((B,), jnp.int32) if prefix is None else jnp.repeat(prefix.lengths, R)
+    cache = init_cache(cfg, B, Ts + M, dtype=params["embed"].dtype,
+                       stacked=not isinstance(params["layers"], (list, tuple)))
+    prefix_cache = None if prefix is None else prefix.cache
+    hidden, cache = decoder.forward(params, cfg, suffix, left_padded_positions(suffix_lens, Ts, offset),
+                                    cache=cache, cache_index=0, prefix=prefix_cache, attn_impl=gcfg.attn_impl)
+    all_logits = [decoder.logits(params, cfg, hidden[:, -1])]
+    for t in range(M - 1):
+        hidden, cache = decoder.forward(params, cfg, tokens[:, t:t + 1], (offset + suffix_lens + t)[:, None],
+                                        cache=cache, cache_index=Ts + t, prefix=prefix_cache,
+                                        attn_impl=gcfg.attn_impl)
+        all_logits.append(decoder.logits(params, cfg, hidden[:, 0]))
+    return jnp.stack(all_logits, axis=1)
+
+
+def bucket_length(n: int, buckets: Sequence[int] | None = None, minimum: int = 16) -> int:
+    """The smallest bucket >= n: from ``buckets`` when given, else the next power of two (>= minimum)."""
+    if buckets:
+        for b in sorted(buckets):
+            if b >= n:
+                return int(b)
+        raise ValueError(f"length {n} exceeds the largest bucket {max(buckets)}")
+    size = minimum
+    while size < n:
+        size *= 2
+    return size
+
+
+def pad_rows(rows: Sequence[Sequence[int]], width: int, pad_id: int, left: bool) -> tuple[jax.Array, jax.Array]:
+    """Pads token lists to [len(rows), width] on the left or right; returns (tokens, lengths)."""
+    import numpy as np
+
+    out = np.full((len(rows), width), pad_id, np.int32)
+    lengths = np.zeros((len(rows),), np.int32)
+    for i, row in enumerate(rows):
+        if len(row) > width:
+            raise ValueError(f"row {i} has {len(row)} tokens, more than the width {width}")
+        lengths[i] = len(row)
+        if len(row):
+            if left:
+                out[i, width - len(row):] = row
+            else:
+                out[i, :len(row)] = row
+    return jnp.asarray(out), jnp.asarray(lengths)
+
+
+prefill_prefix_jit = jax.jit(prefill_prefix, static_argnames=("cfg", "attn_impl", "cache_dtype"))
+generate_tokens_jit = jax.jit(generate_tokens, static_argnames=("cfg", "gcfg", "cache_dtype"))
