@@ -1,0 +1,91 @@
+"""Regenerate the shipped event fixture `mfjax/assets/events/*.jsonl` from the shared corpora.
+
+    python -m mfjax.assets.make_fixture --data=../shared/data
+
+reads (`--data` defaults to `<repository>/../shared/data`):
+- `<data>/ced/`: the first rumour and the first non-rumour event by name, cut to their first
+  `CED_AGENTS` reactions in time order;
+- `<data>/weibo/test/<RUMDECT_EVENT>.json`: cut to its first `RUMDECT_AGENTS` responders in time
+  order (with the source post, the file's first 40 records);
+- `<data>/twitter/events/<TWITTER_EVENT>.json`: cut to its first `TWITTER_AGENTS` tweets.
+
+Personal data is stripped: user ids become per-event pseudonyms ("u1", "u2", ... by first
+appearance; unknown ids stay ""), @mentions inside texts (rumdect repost chains carry screen
+names) become "@用户" / "@user", and contact details (e-mails, digit runs of 7+) become
+"<contact>". Screen names, user names and avatars never enter the event schema at all.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import re
+from pathlib import Path
+
+from mfjax.data import jsonl, twitter, weibo
+from mfjax.data.events import Event, select_agents
+
+CED_AGENTS = 64
+RUMDECT_EVENT = "3476055656644087"
+RUMDECT_AGENTS = 39
+TWITTER_EVENT = "E274"
+TWITTER_AGENTS = 32
+
+_OUT_DIR = Path(__file__).resolve().parent / "events"
+_REPO = Path(__file__).resolve().parents[2]
+# A mention runs until whitespace, punctuation or the next mention.
+_MENTION = re.compile(r"@[^\s@:：,，.。!！?？;；/()（）\[\]【】\"'“”]+")
+_MENTION_WORD = {"zh": "@用户", "en": "@user"}
+# Profiles sometimes carry contact details: long digit runs (phone / QQ numbers) and e-mails.
+# (A digit run inside a URL or an ASCII word is left alone.)
+_CONTACT = re.compile(r"[A-Za-z0-9_.+-]+@[A-Za-z0-9-]+\.[A-Za-z0-9.]+"
+                      r"|(?<![A-Za-z0-9_/.-])\d{7,}")
+_CONTACT_WORD = "<contact>"
+
+
+def mask_personal(text: str, language: str) -> str:
+    """Replace contact details and every @mention by neutral words (they name real people)."""
+    return _MENTION.sub(_MENTION_WORD[language], _CONTACT.sub(_CONTACT_WORD, text))
+
+
+def anonymize(event: Event, num_agents: int) -> Event:
+    """The event cut to its first `num_agents` agents, with pseudonymous uids and masked texts."""
+    pseudonyms: dict = {}
+    agents = []
+    for agent in select_agents(event, num_agents, strict=True):
+        # An empty uid means "unknown user" (Twitter): it must not become one shared pseudonym.
+        uid = agent.uid and pseudonyms.setdefault(agent.uid, f"u{len(pseudonyms) + 1}")
+        agents.append(dataclasses.replace(
+            agent, uid=uid, action=mask_personal(agent.action, event.language),
+            user_description=(None if agent.user_description is None
+                              else mask_personal(agent.user_description, event.language))))
+    return dataclasses.replace(event, topic=mask_personal(event.topic, event.language),
+                               agents=tuple(agents), source_path=None)
+
+
+def main(argv=None) -> None:
+    """Write the three fixture files and print their sizes."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", default=str(_REPO.parent / "shared" / "data"),
+                        help="root holding ced/, weibo/ and twitter/")
+    args = parser.parse_args(argv)
+    data = Path(args.data)
+    _OUT_DIR.mkdir(parents=True, exist_ok=True)
+
+    names = weibo.ced_event_names(data / "ced")
+    picks = [next(n for n, lab in names if lab == label) for label in ("rumor", "non-rumor")]
+    ced = [anonymize(weibo.read_ced_event(data / "ced", n), CED_AGENTS) for n in picks]
+    jsonl.write_jsonl(ced, _OUT_DIR / "ced_sample.jsonl")
+
+    event = weibo.read_rumdect_event(data / "weibo" / "test" / f"{RUMDECT_EVENT}.json")
+    jsonl.write_jsonl([anonymize(event, RUMDECT_AGENTS)], _OUT_DIR / "rumdect_sample.jsonl")
+
+    event, _ = twitter.read_twitter_event(data / "twitter" / "events" / f"{TWITTER_EVENT}.json")
+    jsonl.write_jsonl([anonymize(event, TWITTER_AGENTS)], _OUT_DIR / "twitter_sample.jsonl")
+
+    for path in sorted(_OUT_DIR.glob("*.jsonl")):
+        print(f"{path.name}: {path.stat().st_size} bytes")
+
+
+if __name__ == "__main__":
+    main()
