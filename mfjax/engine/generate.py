@@ -110,7 +110,8 @@ def _history(prefix: Prefix | None, rows_per_group: int, suffix: jax.Array, suff
 
 
 def generate_tokens(params, cfg: ModelConfig, gcfg: GenerateConfig, suffix: jax.Array, suffix_lens: jax.Array,
-                    keys: jax.Array, prefix: Prefix | None = None, cache_dtype=None) -> Generated:
+                    keys: jax.Array, prefix: Prefix | None = None, cache_dtype=None,
+                    stop_mask: jax.Array | None = None) -> Generated:
     """Generates up to ``gcfg.max_new_tokens`` tokens for each of B rows.
 
     Args:
@@ -119,6 +120,8 @@ def generate_tokens(params, cfg: ModelConfig, gcfg: GenerateConfig, suffix: jax.
       suffix_lens: [B] real lengths.
       keys: [B] per-row PRNG keys (typed); token t of row b is drawn with ``fold_in(keys[b], t)``.
       prefix: optional group prefix (see :func:`prefill_prefix`); row b belongs to group b // (B / E).
+      stop_mask: optional [V] bool table of stop tokens, used instead of ``gcfg.stop_token_ids`` when a
+        stop set is large (e.g. every token that contains a newline).
     """
     B, Ts = suffix.shape
     M = gcfg.max_new_tokens
@@ -141,7 +144,10 @@ def generate_tokens(params, cfg: ModelConfig, gcfg: GenerateConfig, suffix: jax.
     first_logits = decoder.logits(params, cfg, hidden[:, -1])
     history, history_valid = _history(prefix, R, suffix, suffix_lens, M)
     next_pos = offset + suffix_lens
-    stop_ids = jnp.asarray(gcfg.stop_token_ids or (-1,), jnp.int32)
+    if stop_mask is None:
+        stop_mask = jnp.zeros((cfg.vocab_size,), bool)
+        if gcfg.stop_token_ids:
+            stop_mask = stop_mask.at[jnp.asarray(gcfg.stop_token_ids)].set(True)
 
     def cond(carry):
         step, _, _, done, *_ = carry
@@ -152,16 +158,15 @@ def generate_tokens(params, cfg: ModelConfig, gcfg: GenerateConfig, suffix: jax.
 
     def body(carry):
         step, logits, cache, done, out, history, history_valid = carry
-        if gcfg.stop_token_ids and gcfg.min_new_tokens:
-            logits = jnp.where((step < gcfg.min_new_tokens) & jnp.isin(jnp.arange(logits.shape[-1]), stop_ids),
-                               -jnp.inf, logits)
+        if gcfg.min_new_tokens:
+            logits = jnp.where((step < gcfg.min_new_tokens) & stop_mask[None, : logits.shape[-1]], -jnp.inf, logits)
         step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, step)
         token = sample_tokens(logits, step_keys, gcfg.sampling, history, history_valid)
         token = jnp.where(done, gcfg.pad_token_id, token)
         out = out.at[:, step].set(token)
         history = history.at[:, hist_offset + Ts + step].set(token)
         history_valid = history_valid.at[:, hist_offset + Ts + step].set(~done)
-        done = done | jnp.isin(token, stop_ids)
+        done = done | stop_mask[token]
         hidden, cache = decoder.forward(params, cfg, token[:, None], (next_pos + step)[:, None], cache=cache,
                                         cache_index=Ts + step, prefix=prefix_cache, attn_impl=gcfg.attn_impl)
         logits = decoder.logits(params, cfg, hidden[:, 0])

@@ -1,0 +1,193 @@
+"""Prompts in token space: templates tokenized once on the host, assembled inside jit.
+
+Every template of :mod:`mfjax.sim.templates` is cut at its placeholders into constant pieces, each
+tokenized once. Inside the rollout, a prompt is a list of segments (tokens [W, L] with lengths [W]) that
+:func:`pack_segments` writes one after another into a fixed buffer, so prompts change every step
+without a host round trip or a recompilation.
+
+Segments are tokenized separately, so a BPE merge across a segment boundary that whole-string
+tokenization would make does not happen; the text (``decode``) is still the template's byte for byte.
+Generated text (actions, the mean field) stays in tokens, exactly as the model wrote it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mfjax.sim import templates as T
+
+Segment = tuple  # (tokens [W, L] int32, lengths [W] int32)
+
+
+# ----------------------------------------------------------------------------------------- in jit
+def pack_segments(segments: Sequence[Segment], width: int, pad_id: int = 0) -> tuple[jax.Array, jax.Array]:
+    """Concatenates per-row segments into a right-padded buffer [W, width]; returns (tokens, lengths).
+
+    Tokens past a segment's length are skipped; anything past ``width`` is dropped (callers size
+    ``width`` as the sum of the segments' capacities, so nothing is).
+    """
+    W = segments[0][0].shape[0]
+    out = jnp.full((W, width + 1), pad_id, jnp.int32)  # the extra column absorbs skipped writes
+    offset = jnp.zeros((W,), jnp.int32)
+    rows = jnp.arange(W)[:, None]
+    for tokens, lengths in segments:
+        tokens = jnp.broadcast_to(tokens, (W, tokens.shape[-1])).astype(jnp.int32)
+        lengths = jnp.broadcast_to(lengths, (W,)).astype(jnp.int32)
+        j = jnp.arange(tokens.shape[1])[None, :]
+        idx = jnp.where(j < lengths[:, None], jnp.minimum(offset[:, None] + j, width), width)
+        out = out.at[rows, idx].set(tokens)
+        offset = offset + lengths
+    return out[:, :width], jnp.minimum(offset, width)
+
+
+def left_pad(tokens: jax.Array, lengths: jax.Array) -> jax.Array:
+    """Right-padded rows [W, L] re-laid left-padded (real tokens at the end)."""
+    width = tokens.shape[1]
+    idx = (jnp.arange(width)[None, :] + lengths[:, None]) % width
+    return jnp.take_along_axis(tokens, idx, axis=1)
+
+
+def compact(tokens: jax.Array, keep: jax.Array, pad_id: int = 0) -> tuple[jax.Array, jax.Array]:
+    """Keeps the tokens where ``keep`` [W, L], in order, right-padded; returns (tokens, lengths)."""
+    W, L = tokens.shape
+    dest = jnp.where(keep, jnp.cumsum(keep, axis=1) - 1, L)
+    out = jnp.full((W, L + 1), pad_id, jnp.int32).at[jnp.arange(W)[:, None], dest].set(tokens)
+    return out[:, :L], jnp.sum(keep, axis=1).astype(jnp.int32)
+
+
+def constant(table: "Piece") -> Segment:
+    """A constant piece as a segment (broadcast over rows by :func:`pack_segments`)."""
+    return jnp.asarray(table.tokens)[None, :], jnp.asarray(len(table.tokens), jnp.int32)
+
+
+def gated(segment: Segment, on: jax.Array) -> Segment:
+    """The segment where ``on`` [W], empty elsewhere."""
+    tokens, lengths = segment
+    return tokens, jnp.where(on, lengths, 0)
+
+
+def pick(table: "PieceTable", index: jax.Array) -> Segment:
+    """Per-row choice among numbered pieces (e.g. "第{i}位网友评论：" for i = index + 1)."""
+    return jnp.asarray(table.tokens)[index], jnp.asarray(table.lengths)[index]
+
+
+# ------------------------------------------------------------------------------------------ host
+@dataclasses.dataclass(frozen=True)
+class Piece:
+    """A constant text piece and its tokens."""
+
+    text: str
+    tokens: tuple[int, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class PieceTable:
+    """Numbered variants of one piece, padded to one width: tokens [n, L], lengths [n]."""
+
+    texts: tuple[str, ...]
+    tokens: np.ndarray
+    lengths: np.ndarray
+
+
+def _split(template: str, field: str) -> tuple[str, str]:
+    """The text before and after ``{field}`` in ``template`` (which must hold it once)."""
+    marker = "{" + field + "}"
+    if template.count(marker) != 1:
+        raise ValueError(f"template {template!r} must contain {marker} exactly once")
+    before, after = template.split(marker)
+    return before, after
+
+
+def _table(tokenizer, texts: Sequence[str], pad_id: int) -> PieceTable:
+    ids = [tokenizer.encode(t) for t in texts]
+    width = max(1, max(len(i) for i in ids))
+    tokens = np.full((len(ids), width), pad_id, np.int32)
+    for r, row in enumerate(ids):
+        tokens[r, :len(row)] = row
+    return PieceTable(tuple(texts), tokens, np.array([len(i) for i in ids], np.int32))
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenTemplates:
+    """The constant pieces of every prompt, tokenized for one tokenizer and language."""
+
+    language: str
+    chat_head: Piece
+    chat_tail: Piece
+    mf_ctx_open: Piece
+    mf_ctx_close: Piece
+    recent_header: Piece
+    popular_header: Piece
+    comment_pre: PieceTable  # "第{i}位网友评论：" for i = 1 … K
+    comment_post: Piece
+    profile: Piece
+    mf_head_post: Piece
+    mf_line_pre: PieceTable  # "第{i}个网友评论：" for i = 1 … B
+    mf_line_post: Piece
+    mf_state_line_post: Piece
+    mf_tail: Piece  # "\n" + summary instruction (+ the chat template's tail)
+
+    @classmethod
+    def build(cls, tokenizer, language: str, *, chat: bool, step_size: int,
+              num_comments: int = max(T.RECENT_K, T.POPULAR_K)) -> "TokenTemplates":
+        """Tokenizes every constant piece. ``chat`` wraps prompts in the checkpoint's chat template."""
+        t = T.templates_for(language)
+        pad = tokenizer.pad_token_id
+        piece = lambda text: Piece(text, tuple(tokenizer.encode(text)) if text else ())
+        head, tail = tokenizer.chat_template_parts() if chat and tokenizer.has_chat_template else ("", "")
+        ctx_open, ctx_close = _split(t.mf_context, "m")
+        comment_pre, comment_post = _split(t.comment_line, "comment")
+        _, head_post = _split(t.mf_head, "m_prev")
+        line_pre, line_post = _split(t.mf_agent_line, "action")
+        _, state_line_post = _split(t.mf_agent_state_line, "action")
+        return cls(
+            language=language,
+            chat_head=piece(head),
+            chat_tail=piece(tail),
+            mf_ctx_open=piece(ctx_open),
+            mf_ctx_close=piece(ctx_close),
+            recent_header=piece(t.recent_header),
+            popular_header=piece(t.popular_header),
+            comment_pre=_table(tokenizer, [comment_pre.format(i=i) for i in range(1, num_comments + 1)], pad),
+            comment_post=piece(comment_post),
+            profile=piece(t.profile),
+            mf_head_post=piece(head_post),
+            mf_line_pre=_table(tokenizer, [line_pre.format(i=i) for i in range(1, step_size + 1)], pad),
+            mf_line_post=piece(line_post),
+            mf_state_line_post=piece(state_line_post),
+            mf_tail=piece(T.mean_field_tail(language=language) + tail),
+        )
+
+    # Per-event and per-agent pieces (host, once per run).
+    def policy_head_text(self, topic: str) -> str:
+        """Chat head + "当前讨论的话题是：{topic}" — the start of every policy prompt of an event."""
+        return self.chat_head.text + T.templates_for(self.language).topic.format(topic=topic)
+
+    def agent_part_text(self, state: str, *, state_sft: bool = False) -> str:
+        """State + "\\n" + instruction + chat tail — the agent's own part of the policy prompt."""
+        return T.policy_agent_part(state, language=self.language, state_sft=state_sft) + self.chat_tail.text
+
+    def mf_head_pre_text(self, topic: str) -> str:
+        """Chat head + "当前话题：{topic}\\n过往网友评论总结：" — the start of an event's mean-field prompt."""
+        before, _ = _split(T.templates_for(self.language).mf_head, "m_prev")
+        return self.chat_head.text + before.format(topic=topic)
+
+    def mf_state_line_pre_text(self, position: int, state: str) -> str:
+        """"第{i}个网友的个人资料：{state}\\n该网友的评论：" for an agent at ``position`` (0-based) in its step."""
+        before, _ = _split(T.templates_for(self.language).mf_agent_state_line, "action")
+        return before.format(i=position + 1, state=state)
+
+
+def newline_table(tokenizer, vocab_size: int) -> np.ndarray:
+    """[V] bool: tokens whose text contains a line break (the policy keeps the first line only;
+    the mean field drops line breaks)."""
+    n = min(vocab_size, tokenizer.vocab_size)
+    texts = tokenizer.decode_batch([[i] for i in range(n)], skip_special_tokens=False)
+    table = np.zeros((vocab_size,), bool)
+    table[:n] = ["\n" in t or "\r" in t for t in texts]
+    return table

@@ -1,0 +1,352 @@
+"""The MF-LLM rollout: one ``jax.lax.scan`` over steps for many worlds (events × seeds) at once.
+
+Per step k (agents [kB, (k+1)B) of every world), inside jit:
+
+1. assemble each world's policy prefix in token space: topic + group context (the mean field, or the
+   recent / popular comments) + "网友资料：";
+2. prefill it once per world; prefill each agent's own part (state + instruction) against it;
+3. generate the agents' actions (skipped in warm-up steps, which use the real actions);
+4. pick each agent's action: real (warm-up, key node), intervention text, or generated (first line);
+5. score the real actions under the policy (NLL, the individual-level metric);
+6. build the mean-field prompt from this step's actions (post-intervention) and generate the next
+   mean field (algorithm ``mf`` only); update the recent / popular buffers.
+
+The carry holds the mean-field tokens and the comment buffers; PRNG keys derive from each world's key,
+the agent index and the step, so a world's rollout does not depend on which worlds share its batch.
+Policy and mean-field models may be different checkpoints but must share one tokenizer (actions and
+the mean field pass between them as tokens).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mfjax import sharding
+from mfjax.config import ModelConfig
+from mfjax.engine.generate import GenerateConfig, Prefix, generate_tokens, prefill_prefix
+from mfjax.engine.score import score_tokens
+from mfjax.sim import prompts as PR
+from mfjax.sim import templates as T
+
+# Where an agent's action came from (the ``source`` output).
+SOURCE_GENERATED, SOURCE_WARMUP, SOURCE_INTERVENTION, SOURCE_KEY_NODE, SOURCE_NONE = 0, 1, 2, 3, -1
+SOURCE_NAMES = {SOURCE_GENERATED: "generated", SOURCE_WARMUP: "warmup", SOURCE_INTERVENTION: "intervention",
+                SOURCE_KEY_NODE: "key_node", SOURCE_NONE: "none"}
+# Per-agent overrides (the ``override`` input).
+OVERRIDE_NONE, OVERRIDE_INTERVENTION, OVERRIDE_KEY_NODE = 0, 1, 2
+
+
+@dataclasses.dataclass(frozen=True)
+class RolloutConfig:
+    """Static settings of a rollout (hashable)."""
+
+    num_steps: int
+    algorithm: str = "mf"
+    step_size: int = 16  # B: agents per step
+    warmup_steps: int = 3  # steps whose actions are the real ones (3 × 16 = the reference's 48 agents)
+    max_action_tokens: int = 64  # La: buffer for an action (real ones are cut to it)
+    mean_field_tokens: int = 200  # Lm: buffer for the mean field (= its max_new_tokens)
+    policy: GenerateConfig = GenerateConfig(max_new_tokens=50)
+    mean_field: GenerateConfig = GenerateConfig(max_new_tokens=200)
+    mf_with_states: bool = False  # mean-field prompt lines carry the agents' states too
+    score_real: bool = True
+    attn_impl: str = "xla"
+    # Static buffer widths (tokens), fixed for a run so every batch of worlds shares one compile.
+    policy_head_width: int = 128
+    agent_part_width: int = 128
+    mf_head_width: int = 128
+    mf_state_line_width: int = 1
+
+    def __post_init__(self):
+        if self.algorithm not in T.ALGORITHMS:
+            raise ValueError(f"algorithm must be one of {T.ALGORITHMS}, got {self.algorithm!r}")
+        if self.max_action_tokens < self.policy.max_new_tokens:
+            raise ValueError("max_action_tokens must be >= the policy's max_new_tokens")
+        if self.mean_field.max_new_tokens != self.mean_field_tokens:
+            raise ValueError("mean_field_tokens must equal the mean-field model's max_new_tokens")
+        if not 0 <= self.warmup_steps <= self.num_steps:
+            raise ValueError(f"warmup_steps must be in [0, num_steps={self.num_steps}]")
+
+    @property
+    def num_agents(self) -> int:
+        return self.num_steps * self.step_size
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class RolloutInputs:
+    """Per-world arrays (W worlds, N = num_steps × step_size agent slots)."""
+
+    policy_head: jax.Array  # [W, Lh] right-padded: chat head + topic
+    policy_head_len: jax.Array  # [W]
+    mf_head: jax.Array  # [W, Lmh]: chat head + "当前话题：{topic}\n过往网友评论总结："
+    mf_head_len: jax.Array
+    agent_part: jax.Array  # [W, N, Ls] right-padded: state + "\n" + instruction + chat tail
+    agent_part_len: jax.Array  # [W, N]
+    mf_state_line: jax.Array  # [W, N, Lsl]: "第{i}个网友的个人资料：{state}\n该网友的评论：" (mf_with_states)
+    mf_state_line_len: jax.Array
+    real_action: jax.Array  # [W, N, La] right-padded
+    real_action_len: jax.Array  # [W, N]
+    followers: jax.Array  # [W, N] int32, -1 unknown
+    agent_valid: jax.Array  # [W, N] bool
+    override: jax.Array  # [W, N] int32: OVERRIDE_*
+    override_action: jax.Array  # [W, N, La]
+    override_action_len: jax.Array  # [W, N]
+    world_key: jax.Array  # [W] typed PRNG keys
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class StepOutputs:
+    """What each step records ([W, B, ...] per step; stacked over steps by the scan)."""
+
+    generated: jax.Array  # [W, B, La] the policy's own action (first line), zeros in warm-up
+    generated_len: jax.Array
+    action: jax.Array  # [W, B, La] the action used (real / intervention / generated)
+    action_len: jax.Array
+    source: jax.Array  # [W, B] SOURCE_*
+    nll: jax.Array  # [W, B] summed NLL of the real action under the policy
+    nll_tokens: jax.Array  # [W, B]
+    mean_field: jax.Array  # [W, Lm] the mean field the policy read at this step
+    mean_field_len: jax.Array  # [W]
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class Carry:
+    m: jax.Array  # [W, Lm]
+    m_len: jax.Array  # [W]
+    recent: jax.Array  # [W, K, La] last K actions, oldest first
+    recent_len: jax.Array
+    recent_valid: jax.Array
+    popular: jax.Array  # [W, Wp, La] last Wp actions
+    popular_len: jax.Array
+    popular_followers: jax.Array
+    popular_valid: jax.Array
+
+
+def _ceil(n: int, multiple: int = 16) -> int:
+    return -(-n // multiple) * multiple
+
+
+def _flat(x):
+    """[W, B, ...] -> [W·B, ...]."""
+    return x.reshape((x.shape[0] * x.shape[1],) + x.shape[2:])
+
+
+class Rollout:
+    """A compiled rollout for fixed models, templates and settings; call :meth:`run` per batch of worlds."""
+
+    def __init__(self, rcfg: RolloutConfig, templates: PR.TokenTemplates, policy_cfg: ModelConfig,
+                 mf_cfg: ModelConfig, newline: np.ndarray, *, mesh=None, on_step: Callable | None = None):
+        if policy_cfg.vocab_size != mf_cfg.vocab_size:
+            raise ValueError("policy and mean-field models must share one tokenizer and vocabulary "
+                             f"(vocab sizes {policy_cfg.vocab_size} vs {mf_cfg.vocab_size})")
+        self.rcfg, self.tt, self.policy_cfg, self.mf_cfg = rcfg, templates, policy_cfg, mf_cfg
+        self.mesh = mesh
+        self.on_step = on_step
+        eos = np.zeros((policy_cfg.vocab_size,), bool)
+        eos[list(rcfg.policy.stop_token_ids)] = True
+        self.newline = jnp.asarray(newline)
+        self.policy_stop = jnp.asarray(eos | newline)  # the policy keeps the first line: stop at a break
+        mf_eos = np.zeros((mf_cfg.vocab_size,), bool)
+        mf_eos[list(rcfg.mean_field.stop_token_ids)] = True
+        self.mf_stop = jnp.asarray(mf_eos)
+        self._jitted = jax.jit(self._rollout)
+
+    # ------------------------------------------------------------------------------ widths (static)
+    @property
+    def context_width(self) -> int:
+        r, tt = self.rcfg, self.tt
+        if r.algorithm == "mf":
+            return len(tt.mf_ctx_open.tokens) + r.mean_field_tokens + len(tt.mf_ctx_close.tokens)
+        if r.algorithm in ("recent", "popular"):
+            header = max(len(tt.recent_header.tokens), len(tt.popular_header.tokens))
+            k = T.RECENT_K if r.algorithm == "recent" else T.POPULAR_K
+            return header + k * (tt.comment_pre.tokens.shape[1] + r.max_action_tokens + len(tt.comment_post.tokens))
+        return 0
+
+    @property
+    def prefix_width(self) -> int:
+        return _ceil(self.rcfg.policy_head_width + self.context_width + len(self.tt.profile.tokens))
+
+    @property
+    def mf_prompt_width(self) -> int:
+        r, tt = self.rcfg, self.tt
+        line_pre = r.mf_state_line_width if r.mf_with_states else tt.mf_line_pre.tokens.shape[1]
+        line_post = len((tt.mf_state_line_post if r.mf_with_states else tt.mf_line_post).tokens)
+        return _ceil(r.mf_head_width + r.mean_field_tokens + len(tt.mf_head_post.tokens)
+                     + r.step_size * (line_pre + r.max_action_tokens + line_post) + len(tt.mf_tail.tokens))
+
+    # ------------------------------------------------------------------------------------ contexts
+    def _comment_list(self, header: PR.Piece, items, lens, valid) -> list:
+        """Header + "第{i}位网友评论：{c}。\\n" lines for the valid items (numbered from 1, in order)."""
+        tt = self.tt
+        any_valid = jnp.any(valid, axis=1)
+        number = jnp.clip(jnp.cumsum(valid, axis=1) - 1, 0, tt.comment_pre.tokens.shape[0] - 1)
+        segments = [PR.gated(PR.constant(header), any_valid)]
+        for j in range(items.shape[1]):
+            on = valid[:, j]
+            segments += [PR.gated(PR.pick(tt.comment_pre, number[:, j]), on),
+                         (items[:, j], jnp.where(on, lens[:, j], 0)),
+                         PR.gated(PR.constant(tt.comment_post), on)]
+        return segments
+
+    def _context_segments(self, carry: Carry) -> list:
+        r, tt = self.rcfg, self.tt
+        if r.algorithm == "mf":
+            has_m = carry.m_len > 0  # no context while the mean field is still empty
+            return [PR.gated(PR.constant(tt.mf_ctx_open), has_m), (carry.m, carry.m_len),
+                    PR.gated(PR.constant(tt.mf_ctx_close), has_m)]
+        if r.algorithm == "recent":
+            return self._comment_list(tt.recent_header, carry.recent, carry.recent_len, carry.recent_valid)
+        if r.algorithm == "popular":
+            # Most followers first; ties and unknown (-1) keep time order; empty slots last.
+            key = jnp.where(carry.popular_valid, carry.popular_followers, -2)
+            order = jnp.argsort(-key, axis=1, stable=True)[:, :T.POPULAR_K]
+            take = lambda x: jnp.take_along_axis(x, order.reshape(order.shape + (1,) * (x.ndim - 2)), axis=1)
+            return self._comment_list(tt.popular_header, take(carry.popular), take(carry.popular_len),
+                                      take(carry.popular_valid))
+        return []
+
+    # ------------------------------------------------------------------------------------ one step
+    def _step(self, policy_params, mf_params, inputs: RolloutInputs, carry: Carry, k):
+        r, tt = self.rcfg, self.tt
+        W, B, La = inputs.agent_valid.shape[0], r.step_size, r.max_action_tokens
+        sl = lambda x: jax.lax.dynamic_slice_in_dim(x, k * B, B, axis=1)
+        agent_part, agent_len = sl(inputs.agent_part), sl(inputs.agent_part_len)
+        real, real_len = sl(inputs.real_action), sl(inputs.real_action_len)
+        valid, override = sl(inputs.agent_valid), sl(inputs.override)
+        agent_index = k * B + jnp.arange(B)
+
+        # 1-2. Policy prompt: the world's prefix once, each agent's own part against it.
+        prefix_tokens, prefix_len = PR.pack_segments(
+            [(inputs.policy_head, inputs.policy_head_len), *self._context_segments(carry),
+             PR.constant(tt.profile)], self.prefix_width, r.policy.pad_token_id)
+        prefix = prefill_prefix(policy_params, self.policy_cfg, prefix_tokens, prefix_len, attn_impl=r.attn_impl)
+        suffix_len = _flat(agent_len)
+        suffix = PR.left_pad(_flat(agent_part), suffix_len)
+
+        # 3. Generated actions (not in warm-up), first line only.
+        row_keys = jax.vmap(lambda wk: jax.vmap(lambda a: jax.random.fold_in(jax.random.fold_in(wk, 0), a))(
+            agent_index))(inputs.world_key)
+
+        def generate(_):
+            out = generate_tokens(policy_params, self.policy_cfg, r.policy, suffix, suffix_len, _flat(row_keys),
+                                  prefix, stop_mask=self.policy_stop)
+            length = out.lengths - out.finished.astype(jnp.int32)  # drop the stop token (eos / line break)
+            tokens = jnp.where(jnp.arange(r.policy.max_new_tokens)[None] < length[:, None], out.tokens,
+                               r.policy.pad_token_id)
+            tokens = jnp.pad(tokens, ((0, 0), (0, La - r.policy.max_new_tokens)),
+                             constant_values=r.policy.pad_token_id)
+            return tokens.reshape(W, B, La), length.reshape(W, B)
+
+        def skip(_):
+            return jnp.full((W, B, La), r.policy.pad_token_id, jnp.int32), jnp.zeros((W, B), jnp.int32)
+
+        warm = k < r.warmup_steps
+        generated, generated_len = jax.lax.cond(warm, skip, generate, None)
+
+        # 4. The action each agent takes.
+        use_real = warm | (override == OVERRIDE_KEY_NODE)
+        use_override = ~warm & (override == OVERRIDE_INTERVENTION)
+        action = jnp.where(use_real[..., None], real,
+                           jnp.where(use_override[..., None], sl(inputs.override_action), generated))
+        action_len = jnp.where(use_real, real_len, jnp.where(use_override, sl(inputs.override_action_len),
+                                                             generated_len))
+        action_len = jnp.where(valid, action_len, 0)
+        source = jnp.where(warm, SOURCE_WARMUP,
+                           jnp.where(override == OVERRIDE_KEY_NODE, SOURCE_KEY_NODE,
+                                     jnp.where(override == OVERRIDE_INTERVENTION, SOURCE_INTERVENTION,
+                                               SOURCE_GENERATED)))
+        source = jnp.where(valid, source, SOURCE_NONE)
+
+        # 5. NLL of the real actions under the policy, with the prompt the policy sampled from.
+        if r.score_real:
+            logprobs = score_tokens(policy_params, self.policy_cfg, suffix, suffix_len, _flat(real),
+                                    _flat(real_len), prefix=prefix, attn_impl=r.attn_impl)
+            nll = -jnp.sum(logprobs, axis=1).reshape(W, B)
+        else:
+            nll = jnp.zeros((W, B), jnp.float32)
+        nll = jnp.where(valid, nll, 0.0)
+
+        # 6. Mean-field update from this step's actions.
+        new_m, new_m_len = carry.m, carry.m_len
+        if r.algorithm == "mf":
+            new_m, new_m_len = self._mean_field(mf_params, inputs, carry, action, action_len, valid, k)
+
+        ys = StepOutputs(generated=generated, generated_len=generated_len, action=action, action_len=action_len,
+                         source=source, nll=nll, nll_tokens=jnp.where(valid, real_len, 0),
+                         mean_field=carry.m, mean_field_len=carry.m_len)
+        carry = self._update_buffers(carry, action, action_len, valid, sl(inputs.followers))
+        carry = dataclasses.replace(carry, m=new_m, m_len=new_m_len)
+        if self.on_step is not None:
+            jax.debug.callback(self.on_step, k, nll, valid, source)
+        return carry, ys
+
+    def _mean_field(self, mf_params, inputs, carry, action, action_len, valid, k):
+        r, tt = self.rcfg, self.tt
+        W, B = action.shape[:2]
+        segments = [(inputs.mf_head, inputs.mf_head_len), (carry.m, carry.m_len), PR.constant(tt.mf_head_post)]
+        if r.mf_with_states:
+            line = jax.lax.dynamic_slice_in_dim(inputs.mf_state_line, k * B, B, axis=1)
+            line_len = jax.lax.dynamic_slice_in_dim(inputs.mf_state_line_len, k * B, B, axis=1)
+            post = tt.mf_state_line_post
+        else:
+            post = tt.mf_line_post
+        for j in range(B):
+            on = valid[:, j]
+            pre = (line[:, j], line_len[:, j]) if r.mf_with_states else PR.pick(tt.mf_line_pre, jnp.full((W,), j))
+            segments += [PR.gated(pre, on), (action[:, j], action_len[:, j]), PR.gated(PR.constant(post), on)]
+        segments.append(PR.constant(tt.mf_tail))
+        prompt, prompt_len = PR.pack_segments(segments, self.mf_prompt_width, r.mean_field.pad_token_id)
+        keys = jax.vmap(lambda wk: jax.random.fold_in(jax.random.fold_in(wk, 1), k))(inputs.world_key)
+        out = generate_tokens(mf_params, self.mf_cfg, r.mean_field, PR.left_pad(prompt, prompt_len), prompt_len,
+                              keys, stop_mask=self.mf_stop)
+        length = out.lengths - out.finished.astype(jnp.int32)
+        keep = (jnp.arange(r.mean_field_tokens)[None] < length[:, None]) & ~self.newline[out.tokens]
+        return PR.compact(out.tokens, keep, r.mean_field.pad_token_id)
+
+    def _update_buffers(self, carry: Carry, action, action_len, valid, followers) -> Carry:
+        K = carry.recent.shape[1]
+        Wp = carry.popular.shape[1]
+        cat = lambda old, new, n: jnp.concatenate([old, new], axis=1)[:, -n:]
+        return dataclasses.replace(
+            carry,
+            recent=cat(carry.recent, action, K), recent_len=cat(carry.recent_len, action_len, K),
+            recent_valid=cat(carry.recent_valid, valid, K),
+            popular=cat(carry.popular, action, Wp), popular_len=cat(carry.popular_len, action_len, Wp),
+            popular_followers=cat(carry.popular_followers, followers, Wp),
+            popular_valid=cat(carry.popular_valid, valid, Wp),
+        )
+
+    # ------------------------------------------------------------------------------------ the scan
+    def initial_carry(self, W: int) -> Carry:
+        r = self.rcfg
+        La, K, Wp = r.max_action_tokens, T.RECENT_K, T.POPULAR_WINDOW
+        z = lambda *s: jnp.zeros(s, jnp.int32)
+        return Carry(m=z(W, r.mean_field_tokens), m_len=z(W), recent=z(W, K, La), recent_len=z(W, K),
+                     recent_valid=jnp.zeros((W, K), bool), popular=z(W, Wp, La), popular_len=z(W, Wp),
+                     popular_followers=z(W, Wp), popular_valid=jnp.zeros((W, Wp), bool))
+
+    def _rollout(self, policy_params, mf_params, inputs: RolloutInputs) -> tuple[StepOutputs, Carry]:
+        W = inputs.agent_valid.shape[0]
+        body = lambda carry, k: self._step(policy_params, mf_params, inputs, carry, k)
+        final, ys = jax.lax.scan(body, self.initial_carry(W), jnp.arange(self.rcfg.num_steps))
+        return ys, final
+
+    def run(self, policy_params, mf_params, inputs: RolloutInputs) -> tuple[StepOutputs, Carry]:
+        """Runs every step for every world in ``inputs``: one compiled program, one call."""
+        if self.mesh is None:
+            return self._jitted(policy_params, mf_params, inputs)
+        with sharding.use_mesh(self.mesh):
+            return self._jitted(policy_params, mf_params, inputs)
+
+    def compile_count(self) -> int:
+        """How many programs the rollout has compiled so far (one per distinct input shape)."""
+        return self._jitted._cache_size()
