@@ -5,6 +5,7 @@ conftest (pytest imports it before any test module).
 """
 
 import os
+import sys
 
 _DEVICES_FLAG = "--xla_force_host_platform_device_count=8"
 if _DEVICES_FLAG not in os.environ.get("XLA_FLAGS", ""):
@@ -12,6 +13,12 @@ if _DEVICES_FLAG not in os.environ.get("XLA_FLAGS", ""):
 # Without these a missing model id waits on the network for ~20 s before failing.
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
+
+# Plain ``pytest`` (unlike ``python -m pytest``) does not put the repository root on sys.path; make the
+# tests run from a checkout whether or not the package is installed.
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _ROOT not in sys.path:
+    sys.path.insert(0, _ROOT)
 
 import pytest  # noqa: E402
 

@@ -161,6 +161,7 @@ def make_tiny_tokenizer(out_dir, *, vocab_size: int = 128, chat_template: str | 
             vocab_size=vocab_size - 2,  # room for the two ChatML markers added below
             model_type="bpe",
             character_coverage=1.0,
+            normalization_rule_name="identity",  # keep full-width punctuation as written
             unk_id=0,
             bos_id=1,
             eos_id=2,

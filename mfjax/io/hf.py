@@ -221,7 +221,11 @@ def _weight_files(model_dir: str) -> dict[str, str]:
 
 
 class _LazyTensors:
-    """Opens each safetensors file once and reads single tensors on demand."""
+    """Opens each safetensors file once and reads single tensors on demand.
+
+    ``framework="numpy"`` returns bf16 tensors as ``ml_dtypes.bfloat16`` arrays (safetensors >= 0.5,
+    ml_dtypes comes with jax), so no torch and no device round trip are needed.
+    """
 
     def __init__(self, key_to_file: Mapping[str, str]):
         self.key_to_file = key_to_file

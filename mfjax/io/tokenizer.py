@@ -71,7 +71,8 @@ class Tokenizer:
     def apply_chat_template(self, user_text: str, system: str | None = None) -> str:
         """``user_text`` wrapped in the chat template with the generation prompt appended.
 
-        Returns the text unchanged when the tokenizer has no chat template (base models).
+        Without a chat template (base models) returns the text unchanged, or prefixed by ``system`` and
+        a blank line when one is given.
         """
         if not self.has_chat_template:
             return user_text if system is None else f"{system}\n\n{user_text}"
