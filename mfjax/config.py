@@ -145,7 +145,8 @@ class ModelConfig:
         if hf.get("quantization_config"):
             raise UnsupportedConfigError("quantization_config is not supported: export unquantized weights")
 
-        act = hf.get("hidden_activation") or hf.get("hidden_act") or "silu"
+        default_act = "gelu_pytorch_tanh" if model_type == "gemma2" else "silu"
+        act = hf.get("hidden_activation") or hf.get("hidden_act") or default_act
         if act not in _ACTIVATIONS:
             raise UnsupportedConfigError(f"activation {act!r} is not supported")
 
@@ -225,10 +226,8 @@ class ModelConfig:
             max_position_embeddings=self.max_position_embeddings,
             tie_word_embeddings=self.tie_word_embeddings,
         )
-        if self.model_type == "gemma2":
-            hf["hidden_activation"] = "gelu_pytorch_tanh"
-        else:
-            hf["hidden_act"] = "silu"
+        hf_act = {"silu": "silu", "gelu_tanh": "gelu_pytorch_tanh"}[self.hidden_act]
+        hf["hidden_activation" if self.model_type == "gemma2" else "hidden_act"] = hf_act
         if self.model_type in ("llama",):
             hf["attention_bias"] = self.attention_bias
         if self.sliding_window:
