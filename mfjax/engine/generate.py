@@ -23,7 +23,10 @@ import jax
 import jax.numpy as jnp
 
 from mfjax.config import ModelConfig
-from mfjax.engine.kvcache import KVCache, init_cache
+from mfjax.engine.kvcache import (KVCache, Prefix, init_cache, left_padded_positions,  # noqa: F401
+                                   right_padded_positions)
+from mfjax.engine.score import target_logprobs
+from mfjax.models.layers import INVALID_POS
 from mfjax.engine.sampling import SamplingConfig, sample_tokens
 from mfjax.models import decoder
 
@@ -50,36 +53,13 @@ class GenerateConfig:
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
-class Prefix:
-    """A prefilled group prefix: cache [E, P, ...] plus its tokens (for the repetition penalty)."""
-
-    cache: KVCache
-    tokens: jax.Array  # [E, P] int32
-    lengths: jax.Array  # [E] int32
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass
 class Generated:
     """Generated tokens [B, M] (pad after the stop token, which is kept) and counts [B]."""
 
     tokens: jax.Array
     lengths: jax.Array
     finished: jax.Array  # [B] bool: a stop token was emitted
-
-
-def right_padded_positions(lengths: jax.Array, width: int, offset: jax.Array | int = 0) -> jax.Array:
-    """Positions [B, width] of right-padded rows: offset + 0 … len-1, then -1."""
-    idx = jnp.arange(width, dtype=jnp.int32)[None, :]
-    lengths = lengths[:, None]
-    return jnp.where(idx < lengths, idx + jnp.asarray(offset, jnp.int32).reshape(-1, 1), -1)
-
-
-def left_padded_positions(lengths: jax.Array, width: int, offset: jax.Array | int = 0) -> jax.Array:
-    """Positions [B, width] of left-padded rows: -1 over the padding, then offset + 0 … len-1."""
-    idx = jnp.arange(width, dtype=jnp.int32)[None, :]
-    start = width - lengths[:, None]
-    return jnp.where(idx >= start, idx - start + jnp.asarray(offset, jnp.int32).reshape(-1, 1), -1)
+    target_logprobs: jax.Array | None = None  # [B, Tt] when targets were scored in the same prefill
 
 
 def prefill_prefix(params, cfg: ModelConfig, tokens: jax.Array, lengths: jax.Array, *,
@@ -111,7 +91,8 @@ def _history(prefix: Prefix | None, rows_per_group: int, suffix: jax.Array, suff
 
 def generate_tokens(params, cfg: ModelConfig, gcfg: GenerateConfig, suffix: jax.Array, suffix_lens: jax.Array,
                     keys: jax.Array, prefix: Prefix | None = None, cache_dtype=None,
-                    stop_mask: jax.Array | None = None) -> Generated:
+                    stop_mask: jax.Array | None = None, targets: jax.Array | None = None,
+                    target_lens: jax.Array | None = None) -> Generated:
     """Generates up to ``gcfg.max_new_tokens`` tokens for each of B rows.
 
     Args:
@@ -122,6 +103,9 @@ def generate_tokens(params, cfg: ModelConfig, gcfg: GenerateConfig, suffix: jax.
       prefix: optional group prefix (see :func:`prefill_prefix`); row b belongs to group b // (B / E).
       stop_mask: optional [V] bool table of stop tokens, used instead of ``gcfg.stop_token_ids`` when a
         stop set is large (e.g. every token that contains a newline).
+      targets, target_lens: optional [B, Tt] right-padded continuations to score in the same prefill
+        (teacher forced after the prompt); their log-probabilities come back in ``target_logprobs``
+        and their cache slots are then hidden, so generation continues from the prompt alone.
     """
     B, Ts = suffix.shape
     M = gcfg.max_new_tokens
@@ -137,11 +121,23 @@ def generate_tokens(params, cfg: ModelConfig, gcfg: GenerateConfig, suffix: jax.
         R, offset, hist_offset = 1, jnp.zeros((B,), jnp.int32), 0
     prefix_cache = None if prefix is None else prefix.cache
 
-    cache = init_cache(cfg, B, Ts + M, dtype=cache_dtype or params["embed"].dtype,
+    Tt = 0 if targets is None else targets.shape[1]
+    cache = init_cache(cfg, B, Ts + Tt + M, dtype=cache_dtype or params["embed"].dtype,
                        stacked=not isinstance(params["layers"], (list, tuple)))
-    hidden, cache = decoder.forward(params, cfg, suffix, left_padded_positions(suffix_lens, Ts, offset),
-                                    cache=cache, cache_index=0, prefix=prefix_cache, attn_impl=gcfg.attn_impl)
-    first_logits = decoder.logits(params, cfg, hidden[:, -1])
+    tokens, positions = suffix, left_padded_positions(suffix_lens, Ts, offset)
+    if targets is not None:
+        target_valid = jnp.arange(Tt)[None, :] < target_lens[:, None]
+        tokens = jnp.concatenate([suffix, targets.astype(suffix.dtype)], axis=1)
+        positions = jnp.concatenate([positions, right_padded_positions(target_lens, Tt, offset + suffix_lens)], axis=1)
+    hidden, cache = decoder.forward(params, cfg, tokens, positions, cache=cache, cache_index=0, prefix=prefix_cache,
+                                    attn_impl=gcfg.attn_impl)
+    first_logits = decoder.logits(params, cfg, hidden[:, Ts - 1])
+    scored = None
+    if targets is not None:
+        scored = target_logprobs(params, cfg, hidden[:, Ts - 1:Ts - 1 + Tt], targets, target_valid)
+        # The targets were read only to be scored: hide their slots from the continuation.
+        cache = KVCache(k=cache.k, v=cache.v, pos=cache.pos.at[:, Ts:Ts + Tt].set(INVALID_POS))
+    Ts_gen = Ts + Tt  # decode writes after the scored targets
     history, history_valid = _history(prefix, R, suffix, suffix_lens, M)
     next_pos = offset + suffix_lens
     if stop_mask is None:
@@ -168,7 +164,7 @@ def generate_tokens(params, cfg: ModelConfig, gcfg: GenerateConfig, suffix: jax.
         history_valid = history_valid.at[:, hist_offset + Ts + step].set(~done)
         done = done | stop_mask[token]
         hidden, cache = decoder.forward(params, cfg, token[:, None], (next_pos + step)[:, None], cache=cache,
-                                        cache_index=Ts + step, prefix=prefix_cache, attn_impl=gcfg.attn_impl)
+                                        cache_index=Ts_gen + step, prefix=prefix_cache, attn_impl=gcfg.attn_impl)
         logits = decoder.logits(params, cfg, hidden[:, 0])
         return step + 1, logits, cache, done, out, history, history_valid
 
@@ -177,7 +173,7 @@ def generate_tokens(params, cfg: ModelConfig, gcfg: GenerateConfig, suffix: jax.
     carry = (jnp.int32(0), first_logits, cache, done, out, history, history_valid)
     _, _, _, done, out, _, history_valid = jax.lax.while_loop(cond, body, carry)
     lengths = jnp.sum(history_valid[:, hist_offset + Ts:], axis=1).astype(jnp.int32)
-    return Generated(tokens=out, lengths=lengths, finished=done)
+    return Generated(tokens=out, lengths=lengths, finished=done, target_logprobs=scored)
 
 
 def step_logits(params, cfg: ModelConfig, gcfg: GenerateConfig, suffix, suffix_lens, prefix: Prefix | None,

@@ -56,3 +56,27 @@ def cache_bytes(cfg: ModelConfig, batch: int, capacity: int, dtype=jnp.bfloat16)
     """Memory taken by :func:`init_cache` with these arguments."""
     per = batch * capacity * cfg.num_kv_heads * cfg.head_dim * jnp.dtype(dtype).itemsize
     return 2 * cfg.num_layers * per + batch * capacity * 4
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class Prefix:
+    """A prefilled group prefix: cache [E, P, ...] plus its tokens (for the repetition penalty)."""
+
+    cache: KVCache
+    tokens: jax.Array  # [E, P] int32
+    lengths: jax.Array  # [E] int32
+
+
+def right_padded_positions(lengths: jax.Array, width: int, offset: jax.Array | int = 0) -> jax.Array:
+    """Positions [B, width] of right-padded rows: offset + 0 … len-1, then -1."""
+    idx = jnp.arange(width, dtype=jnp.int32)[None, :]
+    lengths = lengths[:, None]
+    return jnp.where(idx < lengths, idx + jnp.asarray(offset, jnp.int32).reshape(-1, 1), -1)
+
+
+def left_padded_positions(lengths: jax.Array, width: int, offset: jax.Array | int = 0) -> jax.Array:
+    """Positions [B, width] of left-padded rows: -1 over the padding, then offset + 0 … len-1."""
+    idx = jnp.arange(width, dtype=jnp.int32)[None, :]
+    start = width - lengths[:, None]
+    return jnp.where(idx >= start, idx - start + jnp.asarray(offset, jnp.int32).reshape(-1, 1), -1)

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from mfjax.config import ModelConfig
-from mfjax.engine.generate import Prefix, left_padded_positions
+from mfjax.engine.kvcache import Prefix, left_padded_positions, right_padded_positions
 from mfjax.models import decoder
 
 
@@ -32,21 +32,22 @@ def score_tokens(params, cfg: ModelConfig, prompt: jax.Array, prompt_lens: jax.A
     else:
         offset = jnp.repeat(prefix.lengths, B // prefix.tokens.shape[0])
     prompt_pos = left_padded_positions(prompt_lens.astype(jnp.int32), Tp, offset)
-    start = offset + prompt_lens
-    t_idx = jnp.arange(Tt, dtype=jnp.int32)[None, :]
-    target_valid = t_idx < target_lens[:, None]
-    target_pos = jnp.where(target_valid, start[:, None] + t_idx, -1)
+    target_valid = jnp.arange(Tt, dtype=jnp.int32)[None, :] < target_lens[:, None]
     tokens = jnp.concatenate([prompt, target], axis=1)
-    positions = jnp.concatenate([prompt_pos, target_pos], axis=1)
+    positions = jnp.concatenate([prompt_pos, right_padded_positions(target_lens, Tt, offset + prompt_lens)], axis=1)
+    if prefix is not None and Tp == 0:
+        raise ValueError("scoring with an empty per-row prompt needs the prefix's last hidden state")
     hidden, _ = decoder.forward(params, cfg, tokens, positions, prefix=None if prefix is None else prefix.cache,
                                 attn_impl=attn_impl)
     # Hidden state at slot j predicts the token at slot j + 1: the last prompt slot predicts target 0.
-    predicting = hidden[:, Tp - 1:Tp - 1 + Tt]
-    if prefix is not None and Tp == 0:
-        raise ValueError("scoring with an empty per-row prompt needs the prefix's last hidden state")
-    logprobs = jax.nn.log_softmax(decoder.logits(params, cfg, predicting), axis=-1)
-    picked = jnp.take_along_axis(logprobs, target[..., None].astype(jnp.int32), axis=-1)[..., 0]
-    return jnp.where(target_valid, picked, 0.0)
+    return target_logprobs(params, cfg, hidden[:, Tp - 1:Tp - 1 + Tt], target, target_valid)
+
+
+def target_logprobs(params, cfg: ModelConfig, hidden: jax.Array, targets: jax.Array, valid: jax.Array) -> jax.Array:
+    """log p(targets) [B, Tt] from the hidden states [B, Tt, D] that predict them; 0 where not ``valid``."""
+    logprobs = jax.nn.log_softmax(decoder.logits(params, cfg, hidden), axis=-1)
+    picked = jnp.take_along_axis(logprobs, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    return jnp.where(valid, picked, 0.0)
 
 
 score_tokens_jit = jax.jit(score_tokens, static_argnames=("cfg", "attn_impl"))
