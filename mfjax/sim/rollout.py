@@ -157,7 +157,18 @@ class Rollout:
         mf_eos = np.zeros((mf_cfg.vocab_size,), bool)
         mf_eos[list(rcfg.mean_field.stop_token_ids)] = True
         self.mf_stop = jnp.asarray(mf_eos)
-        self._jitted = jax.jit(self._rollout)
+        if mesh is None:
+            self._jitted = jax.jit(self._rollout)
+        else:
+            # Worlds over the data axes, weights over the model axis (the decode layout: unstacked layers).
+            worlds = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
+            per_step = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, ("data", "fsdp")))
+            in_shardings = (sharding.param_shardings(policy_cfg, mesh, layers_unstacked=True),
+                            sharding.param_shardings(mf_cfg, mesh, layers_unstacked=True),
+                            RolloutInputs(**{f.name: worlds for f in dataclasses.fields(RolloutInputs)}))
+            out_shardings = (StepOutputs(**{f.name: per_step for f in dataclasses.fields(StepOutputs)}),
+                             Carry(**{f.name: worlds for f in dataclasses.fields(Carry)}))
+            self._jitted = jax.jit(self._rollout, in_shardings=in_shardings, out_shardings=out_shardings)
 
     # ------------------------------------------------------------------------------ widths (static)
     @property
@@ -214,6 +225,30 @@ class Rollout:
                                       take(carry.popular_valid))
         return []
 
+    def policy_prefix(self, inputs: RolloutInputs, carry: Carry) -> tuple[jax.Array, jax.Array]:
+        """Each world's policy prefix [W, P] (right-padded) and length: topic + context + "网友资料："."""
+        segments = [(inputs.policy_head, inputs.policy_head_len), *self._context_segments(carry),
+                    PR.constant(self.tt.profile)]
+        return PR.pack_segments(segments, self.prefix_width, self.rcfg.policy.pad_token_id)
+
+    def mean_field_prompt(self, inputs: RolloutInputs, carry: Carry, action, action_len, valid, k):
+        """Each world's mean-field prompt [W, Lmf] (right-padded) and length for step ``k``'s actions."""
+        r, tt = self.rcfg, self.tt
+        W, B = action.shape[:2]
+        segments = [(inputs.mf_head, inputs.mf_head_len), (carry.m, carry.m_len), PR.constant(tt.mf_head_post)]
+        if r.mf_with_states:
+            line = jax.lax.dynamic_slice_in_dim(inputs.mf_state_line, k * B, B, axis=1)
+            line_len = jax.lax.dynamic_slice_in_dim(inputs.mf_state_line_len, k * B, B, axis=1)
+            post = tt.mf_state_line_post
+        else:
+            post = tt.mf_line_post
+        for j in range(B):
+            on = valid[:, j]
+            pre = (line[:, j], line_len[:, j]) if r.mf_with_states else PR.pick(tt.mf_line_pre, jnp.full((W,), j))
+            segments += [PR.gated(pre, on), (action[:, j], action_len[:, j]), PR.gated(PR.constant(post), on)]
+        segments.append(PR.constant(tt.mf_tail))
+        return PR.pack_segments(segments, self.mf_prompt_width, r.mean_field.pad_token_id)
+
     # ------------------------------------------------------------------------------------ one step
     def _step(self, policy_params, mf_params, inputs: RolloutInputs, carry: Carry, k):
         r, tt = self.rcfg, self.tt
@@ -225,32 +260,45 @@ class Rollout:
         agent_index = k * B + jnp.arange(B)
 
         # 1-2. Policy prompt: the world's prefix once, each agent's own part against it.
-        prefix_tokens, prefix_len = PR.pack_segments(
-            [(inputs.policy_head, inputs.policy_head_len), *self._context_segments(carry),
-             PR.constant(tt.profile)], self.prefix_width, r.policy.pad_token_id)
+        prefix_tokens, prefix_len = self.policy_prefix(inputs, carry)
         prefix = prefill_prefix(policy_params, self.policy_cfg, prefix_tokens, prefix_len, attn_impl=r.attn_impl)
         suffix_len = _flat(agent_len)
         suffix = PR.left_pad(_flat(agent_part), suffix_len)
 
-        # 3. Generated actions (not in warm-up), first line only.
         row_keys = jax.vmap(lambda wk: jax.vmap(lambda a: jax.random.fold_in(jax.random.fold_in(wk, 0), a))(
             agent_index))(inputs.world_key)
 
+        # 3 + 5. Generated actions (first line; not in warm-up, which uses the real ones), and the NLL of
+        # the real actions under the policy with the prompt it samples from, in the same prefill.
+        real_flat, real_len_flat = _flat(real), _flat(real_len)
+        score = dict(targets=real_flat, target_lens=real_len_flat) if r.score_real else {}
+
         def generate(_):
             out = generate_tokens(policy_params, self.policy_cfg, r.policy, suffix, suffix_len, _flat(row_keys),
-                                  prefix, stop_mask=self.policy_stop)
+                                  prefix, stop_mask=self.policy_stop, **score)
             length = out.lengths - out.finished.astype(jnp.int32)  # drop the stop token (eos / line break)
             tokens = jnp.where(jnp.arange(r.policy.max_new_tokens)[None] < length[:, None], out.tokens,
                                r.policy.pad_token_id)
             tokens = jnp.pad(tokens, ((0, 0), (0, La - r.policy.max_new_tokens)),
                              constant_values=r.policy.pad_token_id)
-            return tokens.reshape(W, B, La), length.reshape(W, B)
+            return tokens.reshape(W, B, La), length.reshape(W, B), _nll(out.target_logprobs)
 
-        def skip(_):
-            return jnp.full((W, B, La), r.policy.pad_token_id, jnp.int32), jnp.zeros((W, B), jnp.int32)
+        def warmup(_):
+            logprobs = None
+            if r.score_real:
+                logprobs = score_tokens(policy_params, self.policy_cfg, suffix, suffix_len, real_flat, real_len_flat,
+                                        prefix=prefix, attn_impl=r.attn_impl)
+            return (jnp.full((W, B, La), r.policy.pad_token_id, jnp.int32), jnp.zeros((W, B), jnp.int32),
+                    _nll(logprobs))
+
+        def _nll(logprobs):
+            if logprobs is None:
+                return jnp.zeros((W, B), jnp.float32)
+            return -jnp.sum(logprobs, axis=1).reshape(W, B)
 
         warm = k < r.warmup_steps
-        generated, generated_len = jax.lax.cond(warm, skip, generate, None)
+        generated, generated_len, nll = jax.lax.cond(warm, warmup, generate, None)
+        nll = jnp.where(valid, nll, 0.0)
 
         # 4. The action each agent takes.
         use_real = warm | (override == OVERRIDE_KEY_NODE)
@@ -265,15 +313,6 @@ class Rollout:
                                      jnp.where(override == OVERRIDE_INTERVENTION, SOURCE_INTERVENTION,
                                                SOURCE_GENERATED)))
         source = jnp.where(valid, source, SOURCE_NONE)
-
-        # 5. NLL of the real actions under the policy, with the prompt the policy sampled from.
-        if r.score_real:
-            logprobs = score_tokens(policy_params, self.policy_cfg, suffix, suffix_len, _flat(real),
-                                    _flat(real_len), prefix=prefix, attn_impl=r.attn_impl)
-            nll = -jnp.sum(logprobs, axis=1).reshape(W, B)
-        else:
-            nll = jnp.zeros((W, B), jnp.float32)
-        nll = jnp.where(valid, nll, 0.0)
 
         # 6. Mean-field update from this step's actions.
         new_m, new_m_len = carry.m, carry.m_len
@@ -290,21 +329,8 @@ class Rollout:
         return carry, ys
 
     def _mean_field(self, mf_params, inputs, carry, action, action_len, valid, k):
-        r, tt = self.rcfg, self.tt
-        W, B = action.shape[:2]
-        segments = [(inputs.mf_head, inputs.mf_head_len), (carry.m, carry.m_len), PR.constant(tt.mf_head_post)]
-        if r.mf_with_states:
-            line = jax.lax.dynamic_slice_in_dim(inputs.mf_state_line, k * B, B, axis=1)
-            line_len = jax.lax.dynamic_slice_in_dim(inputs.mf_state_line_len, k * B, B, axis=1)
-            post = tt.mf_state_line_post
-        else:
-            post = tt.mf_line_post
-        for j in range(B):
-            on = valid[:, j]
-            pre = (line[:, j], line_len[:, j]) if r.mf_with_states else PR.pick(tt.mf_line_pre, jnp.full((W,), j))
-            segments += [PR.gated(pre, on), (action[:, j], action_len[:, j]), PR.gated(PR.constant(post), on)]
-        segments.append(PR.constant(tt.mf_tail))
-        prompt, prompt_len = PR.pack_segments(segments, self.mf_prompt_width, r.mean_field.pad_token_id)
+        r = self.rcfg
+        prompt, prompt_len = self.mean_field_prompt(inputs, carry, action, action_len, valid, k)
         keys = jax.vmap(lambda wk: jax.random.fold_in(jax.random.fold_in(wk, 1), k))(inputs.world_key)
         out = generate_tokens(mf_params, self.mf_cfg, r.mean_field, PR.left_pad(prompt, prompt_len), prompt_len,
                               keys, stop_mask=self.mf_stop)

@@ -1,0 +1,188 @@
+"""The scanned MF-LLM rollout: equal to a step-by-step reference loop, prompts equal to the SPEC text,
+warm-up / interventions / key nodes, seeds, one compile per run, sharding."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import jax
+import jax.numpy as jnp
+
+from mfjax.assets import read_fixture_events
+from mfjax.config import ModelConfig
+from mfjax.engine.generate import GenerateConfig
+from mfjax.engine.sampling import SamplingConfig
+from mfjax.io.tokenizer import Tokenizer
+from mfjax.models.params import init_params, unstack_layers
+from mfjax.sim import batch as SB
+from mfjax.sim import rollout as R
+from mfjax.sim import templates as T
+from mfjax.sim.prompts import TokenTemplates, newline_table
+from tests import sim_reference
+
+B = 4  # agents per step
+NUM_AGENTS = 12  # 3 steps
+LA = 16  # action buffer
+OVERRIDES = (
+    SB.Override(step=1, position=1, kind="intervention", text="真的假的？"),
+    SB.Override(step=2, position=0, kind="key_node"),
+)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(smollm2_dir):
+    return Tokenizer.from_dir(smollm2_dir)
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer):
+    """A tiny random Llama over SmolLM2's real byte-level vocabulary (so Chinese text round-trips)."""
+    cfg = ModelConfig(model_type="llama", vocab_size=49152, hidden_size=64, intermediate_size=128, num_layers=2,
+                      num_heads=4, num_kv_heads=2, head_dim=16, tie_word_embeddings=True)
+    return cfg, unstack_layers(init_params(cfg, jax.random.key(0), std=0.05))
+
+
+@pytest.fixture(scope="module")
+def events():
+    return read_fixture_events("ced_sample.jsonl")[:2]
+
+
+def make_rollout(tokenizer, cfg, events, algorithm, *, sampling=None, mesh=None, mf_tokens=8):
+    tt = TokenTemplates.build(tokenizer, "zh", chat=True, step_size=B)
+    encoded = [SB.encode_event(e, tokenizer, tt, num_agents=NUM_AGENTS, step_size=B, max_action_tokens=LA,
+                               algorithm=algorithm, mf_with_states=False) for e in events]
+    stop, pad = tokenizer.eos_token_ids, tokenizer.pad_token_id
+    greedy = SamplingConfig(temperature=None, repetition_penalty=1.2)
+    rcfg = R.RolloutConfig(
+        num_steps=NUM_AGENTS // B, algorithm=algorithm, step_size=B, warmup_steps=1, max_action_tokens=LA,
+        mean_field_tokens=mf_tokens,
+        policy=GenerateConfig(max_new_tokens=6, sampling=sampling or greedy, stop_token_ids=stop, pad_token_id=pad),
+        mean_field=GenerateConfig(max_new_tokens=mf_tokens, sampling=sampling or greedy, stop_token_ids=stop,
+                                  pad_token_id=pad),
+        **SB.widths_for(encoded))
+    newline = newline_table(tokenizer, cfg.vocab_size)
+    return tt, encoded, rcfg, newline, R.Rollout(rcfg, tt, cfg, cfg, newline, mesh=mesh)
+
+
+def run(rollout, params, worlds, rcfg, tokenizer, overrides=OVERRIDES):
+    inputs = SB.stack_worlds(worlds, rcfg, tokenizer, overrides)
+    ys, _ = rollout.run(params, params, inputs)
+    return jax.tree.map(np.asarray, ys)
+
+
+def world_tokens(ys, w, field, length_field, agent, B=B):
+    k, j = divmod(agent, B)
+    return getattr(ys, field)[k, w, j, :getattr(ys, length_field)[k, w, j]].tolist()
+
+
+@pytest.mark.parametrize("algorithm", ["mf", "popular"])
+def test_scan_equals_step_by_step_reference(tokenizer, model, events, algorithm):
+    cfg, params = model
+    tt, encoded, rcfg, newline, rollout = make_rollout(tokenizer, cfg, events, algorithm)
+    worlds = [(encoded[0], 0), (encoded[1], 3)]
+    ys = run(rollout, params, worlds, rcfg, tokenizer)
+    overrides = sim_reference.with_tokens(OVERRIDES, tokenizer, LA)
+    for w, (enc, seed) in enumerate(worlds):
+        ref = sim_reference.reference_world(enc, seed, rcfg, tt, params, cfg, params, cfg, newline,
+                                            SB.world_key(seed, enc.event.event_id), overrides)
+        for a in range(NUM_AGENTS):
+            k, j = divmod(a, B)
+            assert R.SOURCE_NAMES[int(ys.source[k, w, j])] == ref.sources[a]
+            assert world_tokens(ys, w, "action", "action_len", a) == ref.actions[a], (w, a)
+            assert world_tokens(ys, w, "generated", "generated_len", a) == ref.generated[a], (w, a)
+            np.testing.assert_allclose(ys.nll[k, w, j], ref.nll[a], rtol=1e-4)
+        for k in range(rcfg.num_steps):
+            assert ys.mean_field[k, w, :ys.mean_field_len[k, w]].tolist() == ref.mean_fields[k]
+        # Not a vacuous comparison: the policy wrote something.
+        assert sum(len(g) for g in ref.generated) > 0
+        if algorithm == "mf":
+            # The mean field moved, and the intervention text reached the next mean-field prompt.
+            assert any(ref.mean_fields[1:])
+            assert "真的假的？" in tokenizer.decode(ref.mf_prompts[1])
+        # Warm-up carries the real actions; the override slots carry the override.
+        for a in range(B):
+            assert ref.sources[a] == "warmup" and ref.actions[a] == enc.real_action[a]
+        assert ref.sources[1 * B + 1] == "intervention"
+        assert tokenizer.decode(world_tokens(ys, w, "action", "action_len", 1 * B + 1)) == "真的假的？"
+        assert ref.sources[2 * B + 0] == "key_node" and ref.actions[2 * B] == enc.real_action[2 * B]
+
+
+def test_prompts_in_token_space_equal_spec_text(tokenizer, model, events):
+    """Policy and mean-field prompts assembled inside jit decode to the SPEC templates byte for byte."""
+    cfg, params = model
+    head, tail = tokenizer.chat_template_parts()
+    event = events[0]
+    agents = event.agents[:B]
+    states = [T.state_text(a) for a in agents]
+    for algorithm in ("mf", "recent", "popular", "state"):
+        tt, encoded, rcfg, newline, rollout = make_rollout(tokenizer, cfg, [event], algorithm)
+        inputs = SB.stack_worlds([(encoded[0], 0)], rcfg, tokenizer)
+        carry = rollout.initial_carry(1)
+        m_text = "多数网友质疑该消息的真实性"
+        past = ["求真相", "不信", "转发微博", "顶", "真的假的", "等官方消息"]
+        followers = [5, -1, 300, 300, 7, 12]
+        m = jnp.asarray([tokenizer.encode(m_text) + [0] * 8])[:, :rcfg.mean_field_tokens]
+        m_len = jnp.asarray([min(len(tokenizer.encode(m_text)), rcfg.mean_field_tokens)])
+        m_text = tokenizer.decode(m[0, :m_len[0]].tolist())
+        past_tok, past_len = SB._rows([tokenizer.encode(p) for p in past], len(past), LA, 0, "past", "t")
+        carry = R.Carry(
+            m=m, m_len=m_len,
+            recent=jnp.asarray(past_tok[-T.RECENT_K:])[None], recent_len=jnp.asarray(past_len[-T.RECENT_K:])[None],
+            recent_valid=jnp.ones((1, T.RECENT_K), bool),
+            popular=jnp.pad(jnp.asarray(past_tok), ((T.POPULAR_WINDOW - len(past), 0), (0, 0)))[None],
+            popular_len=jnp.pad(jnp.asarray(past_len), (T.POPULAR_WINDOW - len(past), 0))[None],
+            popular_followers=jnp.pad(jnp.asarray(followers), (T.POPULAR_WINDOW - len(past), 0))[None],
+            popular_valid=(jnp.arange(T.POPULAR_WINDOW) >= T.POPULAR_WINDOW - len(past))[None])
+        prefix, prefix_len = rollout.policy_prefix(inputs, carry)
+        prefix_text = tokenizer.decode(np.asarray(prefix)[0, :int(prefix_len[0])].tolist(), skip_special_tokens=False)
+        context = T.group_context(algorithm, m=m_text, past_actions=past, past_followers=[
+            None if f < 0 else f for f in followers])
+        for i, state in enumerate(states):
+            agent_part = tokenizer.decode(encoded[0].agent_part[i], skip_special_tokens=False)
+            expected = head + T.full_text(T.policy_segments(event.topic, state, context)) + tail
+            assert prefix_text + agent_part == expected
+        if algorithm == "mf":
+            actions = [tokenizer.encode(p) for p in past[:B]]
+            a_tok, a_len = SB._rows(actions, B, LA, 0, "a", "t")
+            prompt, prompt_len = rollout.mean_field_prompt(inputs, carry, jnp.asarray(a_tok)[None],
+                                                           jnp.asarray(a_len)[None], jnp.ones((1, B), bool), 0)
+            text = tokenizer.decode(np.asarray(prompt)[0, :int(prompt_len[0])].tolist(), skip_special_tokens=False)
+            expected = head + T.full_text(T.mean_field_segments(event.topic, m_text, past[:B])) + tail
+            assert text == expected
+
+
+def test_seeds_reproducible_and_distinct(tokenizer, model, events):
+    cfg, params = model
+    tt, encoded, rcfg, newline, rollout = make_rollout(tokenizer, cfg, events[:1], "mf",
+                                                       sampling=SamplingConfig.policy())
+    a = run(rollout, params, [(encoded[0], 0), (encoded[0], 1)], rcfg, tokenizer)
+    b = run(rollout, params, [(encoded[0], 0), (encoded[0], 1)], rcfg, tokenizer)
+    np.testing.assert_array_equal(a.action, b.action)
+    np.testing.assert_array_equal(a.mean_field, b.mean_field)
+    generated = a.source[:, 0] == R.SOURCE_GENERATED
+    assert generated.any()
+    assert not np.array_equal(a.generated[:, 0][generated], a.generated[:, 1][generated])
+    # A world's rollout does not depend on its batch: seed 1 alone in slot 0 equals slot 1 above.
+    c = run(rollout, params, [(encoded[0], 1), (encoded[0], 1)], rcfg, tokenizer)
+    np.testing.assert_array_equal(c.action[:, 0], a.action[:, 1])
+    assert rollout.compile_count() == 1  # three batches of the same shape, one program
+
+
+@pytest.mark.parametrize("shape", [{"data": 2, "model": 4}, {"data": 8}])
+def test_sharded_equals_unsharded(tokenizer, model, events, shape):
+    from mfjax import sharding
+
+    cfg, params = model
+    mesh = sharding.make_mesh(shape)
+    worlds = [(None, s) for s in range(mesh.shape["data"])]
+    tt, encoded, rcfg, newline, plain = make_rollout(tokenizer, cfg, events[:1], "mf",
+                                                     sampling=SamplingConfig.policy())
+    worlds = [(encoded[0], s) for s, _ in enumerate(worlds)]
+    *_, sharded = make_rollout(tokenizer, cfg, events[:1], "mf", sampling=SamplingConfig.policy(), mesh=mesh)
+    expected = run(plain, params, worlds, rcfg, tokenizer)
+    placed = jax.device_put(params, sharding.param_shardings(cfg, mesh, layers_unstacked=True))
+    got = run(sharded, placed, worlds, rcfg, tokenizer)
+    np.testing.assert_array_equal(got.action, expected.action)
+    np.testing.assert_array_equal(got.mean_field, expected.mean_field)
+    np.testing.assert_allclose(got.nll, expected.nll, rtol=1e-4)
