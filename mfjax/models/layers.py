@@ -106,7 +106,9 @@ def attention(
     exactly equivalent to prepending the prefix to every row, while its keys are read once per group.
     Rows whose every key is masked (padding queries) return zeros.
     """
-    if impl in ("cudnn", "jax") and softcap is None:
+    # The fused kernel takes one key tensor per row: a grouped prefix would have to be copied to every
+    # row (each decode step), which costs more than the einsum path's single read of it.
+    if impl in ("cudnn", "jax") and softcap is None and not any(s.grouped for s in segments):
         return _attention_dot_product(q, segments, q_pos, scale=scale, window=window, impl=impl)
     B, T, N, H = q.shape
     K = segments[0].k.shape[-2]
@@ -154,23 +156,10 @@ def attention(
 
 
 def _attention_dot_product(q, segments, q_pos, *, scale, window, impl):
-    """``jax.nn.dot_product_attention`` path (cuDNN on GPU). Grouped segments are broadcast to rows,
-    since the fused kernel takes one key tensor per row."""
-    B = q.shape[0]
-    ks, vs, ps = [], [], []
-    for seg in segments:
-        if seg.grouped:
-            R = B // seg.k.shape[0]
-            ks.append(jnp.repeat(seg.k, R, axis=0))
-            vs.append(jnp.repeat(seg.v, R, axis=0))
-            ps.append(jnp.repeat(seg.pos, R, axis=0))
-        else:
-            ks.append(seg.k)
-            vs.append(seg.v)
-            ps.append(seg.pos)
-    k = jnp.concatenate(ks, axis=1)
-    v = jnp.concatenate(vs, axis=1)
-    mask = _attention_mask(q_pos, jnp.concatenate(ps, axis=1), window)
+    """``jax.nn.dot_product_attention`` path (cuDNN on GPU) for per-row segments."""
+    k = jnp.concatenate([seg.k for seg in segments], axis=1)
+    v = jnp.concatenate([seg.v for seg in segments], axis=1)
+    mask = _attention_mask(q_pos, jnp.concatenate([seg.pos for seg in segments], axis=1), window)
     # A query with no visible key (padding) would give NaN in the fused kernel: let it see key 0;
     # its output is discarded by the caller anyway.
     empty = ~jnp.any(mask, axis=-1, keepdims=True)
