@@ -232,7 +232,11 @@ class ModelConfig:
             hf["attention_bias"] = self.attention_bias
         if self.sliding_window:
             hf["sliding_window"] = self.sliding_window
-            hf["layer_types"] = ["sliding_attention" if s else "full_attention" for s in self.sliding_layers]
+            if self.model_type == "mistral":
+                # transformers reads a mistral config with layer_types as Ministral; Mistral slides everywhere.
+                hf.pop("layer_types", None)
+            else:
+                hf["layer_types"] = ["sliding_attention" if s else "full_attention" for s in self.sliding_layers]
             if self.model_type == "qwen2":
                 hf["use_sliding_window"] = any(self.sliding_layers)
         if self.bos_token_id is not None:

@@ -207,11 +207,7 @@ def test_export_round_trip(case, tmp_path):
     _assert_close_on_real(got, case.hf, case.mask, atol=1e-5, rtol=0)
 
 
-def test_export_keeps_the_architecture(case, request, tmp_path):
-    if case.name == "mistral":
-        request.applymarker(pytest.mark.xfail(strict=True, reason=(
-            "ModelConfig.to_hf writes layer_types for Mistral; transformers 5 reads a mistral config with "
-            "layer_types as Ministral (same maths and logits, another class and model_type)")))
+def test_export_keeps_the_architecture(case, tmp_path):
     out = save_hf(tmp_path / "export", case.cfg, case.params)
     config = transformers.AutoConfig.from_pretrained(out)
     assert config.model_type == case.model.config.model_type

@@ -19,7 +19,7 @@ from mfjax.sim import batch as SB
 from mfjax.sim import rollout as R
 from mfjax.sim import templates as T
 from mfjax.sim.prompts import TokenTemplates, newline_table
-from tests import sim_reference
+import sim_reference
 
 B = 4  # agents per step
 NUM_AGENTS = 12  # 3 steps
