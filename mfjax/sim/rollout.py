@@ -20,7 +20,7 @@ the mean field pass between them as tokens).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -28,7 +28,7 @@ import numpy as np
 
 from mfjax import sharding
 from mfjax.config import ModelConfig
-from mfjax.engine.generate import GenerateConfig, Prefix, generate_tokens, prefill_prefix
+from mfjax.engine.generate import GenerateConfig, generate_tokens, prefill_prefix
 from mfjax.engine.score import score_tokens
 from mfjax.sim import prompts as PR
 from mfjax.sim import templates as T
@@ -251,7 +251,7 @@ class Rollout:
 
     # ------------------------------------------------------------------------------------ one step
     def _step(self, policy_params, mf_params, inputs: RolloutInputs, carry: Carry, k):
-        r, tt = self.rcfg, self.tt
+        r = self.rcfg
         W, B, La = inputs.agent_valid.shape[0], r.step_size, r.max_action_tokens
         sl = lambda x: jax.lax.dynamic_slice_in_dim(x, k * B, B, axis=1)
         agent_part, agent_len = sl(inputs.agent_part), sl(inputs.agent_part_len)
