@@ -20,10 +20,7 @@ import numpy as np
 import pytest
 import torch
 
-try:  # tests/ on sys.path (no tests/__init__.py) or the repository root (tests as a package)
-    from hf_fixtures import TINY_CASES, make_tiny_hf_model, make_tiny_tokenizer, randomize_
-except ImportError:
-    from tests.hf_fixtures import TINY_CASES, make_tiny_hf_model, make_tiny_tokenizer, randomize_
+from hf_fixtures import TINY_CASES, make_tiny_hf_model, make_tiny_tokenizer, randomize_
 from mfjax.engine import api
 from mfjax.engine.generate import (GenerateConfig, generate_tokens, generate_tokens_jit, pad_rows,
                                    prefill_prefix_jit, step_logits)
