@@ -227,19 +227,22 @@ def _top_p_cutoff(desc, extra_count, extra_value, top_p):
     ``extra_value`` [B] (the ties at the k-th logit that top-k keeps); they hold the lowest logits, so they
     come first in HF's ascending order and start the cumulative sum. All other tokens are -inf and carry
     no mass.
+
+    Written with reductions and a reverse cumulative sum rather than slices or flips of ``desc``:
+    XLA:CPU turns a top-k whose values are sliced into a full sort of the vocabulary.
     """
-    asc = desc[:, ::-1]
-    top = desc[:, :1]
-    weights = jnp.exp(asc - top)
+    top = jnp.max(desc, axis=-1)
+    weights = jnp.exp(desc - top[:, None])
     # The guard keeps rows without extras (extra_value may be -inf there) free of 0 * nan.
-    extra_weight = jnp.where(extra_count > 0, extra_count * jnp.exp(extra_value - top[:, 0]), 0.0)
+    extra_weight = jnp.where(extra_count > 0, extra_count * jnp.exp(extra_value - top), 0.0)
     norm = jnp.sum(weights, axis=-1) + extra_weight
-    cumulative = (extra_weight / norm)[:, None] + jnp.cumsum(weights / norm[:, None], axis=-1)
+    # HF's ascending cumulative mass at each candidate = the extras + this and every smaller candidate.
+    cumulative = (extra_weight / norm)[:, None] + jax.lax.cumsum(weights / norm[:, None], axis=1, reverse=True)
     remove = cumulative <= 1.0 - top_p
-    remove = remove.at[:, -1].set(False)  # always keep the most probable token
+    remove = remove & (jnp.arange(desc.shape[-1]) > 0)[None, :]  # always keep the most probable token
     # Cumulative sums of non-negative terms never decrease, so the removed tokens are a prefix of the
     # ascending order and the survivors are exactly those >= the smallest surviving logit.
-    return jnp.min(jnp.where(remove, jnp.inf, asc), axis=-1)
+    return jnp.min(jnp.where(remove, jnp.inf, desc), axis=-1)
 
 
 def _min_p_cutoff(cands, extra_count, extra_value, cutoff, min_p):
@@ -266,14 +269,16 @@ def _candidates(x: jax.Array, cfg: SamplingConfig):
     if cfg.top_k is not None:
         k = min(cfg.top_k, vocab)
         cand_values, cand_ids = jax.lax.top_k(x, k)  # descending
-        cutoff = cand_values[:, -1]
+        # min, not cand_values[:, -1]: XLA:CPU rewrites a top-k whose values are sliced into a full sort
+        # of the vocabulary (measured 70x slower at V=49k); both give the k-th largest logit.
+        cutoff = jnp.min(cand_values, axis=-1)
         # HF keeps every token equal to the k-th logit; count those that lax.top_k left out.
         extra_count = (jnp.sum(x >= cutoff[:, None], axis=-1) - k).astype(jnp.float32)
         extra_value = cutoff
         desc = cand_values
     else:
         extra_count, extra_value = no_extra, cutoff
-        desc = jnp.sort(x, axis=-1)[:, ::-1] if cfg.top_p < 1.0 else None
+        desc = -jnp.sort(-x, axis=-1) if cfg.top_p < 1.0 else None
     if cfg.top_p < 1.0:
         cutoff = jnp.maximum(cutoff, _top_p_cutoff(desc, extra_count, extra_value, cfg.top_p))
     if cfg.min_p is not None:
