@@ -48,8 +48,8 @@ def events():
     return read_fixture_events("ced_sample.jsonl")[:2]
 
 
-def make_rollout(tokenizer, cfg, events, algorithm, *, sampling=None, mesh=None, mf_tokens=8):
-    tt = TokenTemplates.build(tokenizer, "zh", chat=True, step_size=B)
+def make_rollout(tokenizer, cfg, events, algorithm, *, sampling=None, mesh=None, mf_tokens=8, language="zh"):
+    tt = TokenTemplates.build(tokenizer, language, chat=True, step_size=B)
     encoded = [SB.encode_event(e, tokenizer, tt, num_agents=NUM_AGENTS, step_size=B, max_action_tokens=LA,
                                algorithm=algorithm, mf_with_states=False) for e in events]
     stop, pad = tokenizer.eos_token_ids, tokenizer.pad_token_id
@@ -108,15 +108,17 @@ def test_scan_equals_step_by_step_reference(tokenizer, model, events, algorithm)
         assert ref.sources[2 * B + 0] == "key_node" and ref.actions[2 * B] == enc.real_action[2 * B]
 
 
-def test_prompts_in_token_space_equal_spec_text(tokenizer, model, events):
+@pytest.mark.parametrize("fixture, language", [("ced_sample.jsonl", "zh"), ("twitter_sample.jsonl", "en")])
+def test_prompts_in_token_space_equal_spec_text(tokenizer, model, fixture, language):
     """Policy and mean-field prompts assembled inside jit decode to the SPEC templates byte for byte."""
     cfg, params = model
     head, tail = tokenizer.chat_template_parts()
-    event = events[0]
+    event = read_fixture_events(fixture)[0]
+    assert event.language == language
     agents = event.agents[:B]
-    states = [T.state_text(a) for a in agents]
+    states = [T.state_text(a, language=language) for a in agents]
     for algorithm in ("mf", "recent", "popular", "state"):
-        tt, encoded, rcfg, newline, rollout = make_rollout(tokenizer, cfg, [event], algorithm)
+        tt, encoded, rcfg, newline, rollout = make_rollout(tokenizer, cfg, [event], algorithm, language=language)
         inputs = SB.stack_worlds([(encoded[0], 0)], rcfg, tokenizer)
         carry = rollout.initial_carry(1)
         m_text = "多数网友质疑该消息的真实性"
@@ -137,10 +139,10 @@ def test_prompts_in_token_space_equal_spec_text(tokenizer, model, events):
         prefix, prefix_len = rollout.policy_prefix(inputs, carry)
         prefix_text = tokenizer.decode(np.asarray(prefix)[0, :int(prefix_len[0])].tolist(), skip_special_tokens=False)
         context = T.group_context(algorithm, m=m_text, past_actions=past, past_followers=[
-            None if f < 0 else f for f in followers])
+            None if f < 0 else f for f in followers], language=language)
         for i, state in enumerate(states):
             agent_part = tokenizer.decode(encoded[0].agent_part[i], skip_special_tokens=False)
-            expected = head + T.full_text(T.policy_segments(event.topic, state, context)) + tail
+            expected = head + T.full_text(T.policy_segments(event.topic, state, context, language=language)) + tail
             assert prefix_text + agent_part == expected
         if algorithm == "mf":
             actions = [tokenizer.encode(p) for p in past[:B]]
@@ -148,7 +150,7 @@ def test_prompts_in_token_space_equal_spec_text(tokenizer, model, events):
             prompt, prompt_len = rollout.mean_field_prompt(inputs, carry, jnp.asarray(a_tok)[None],
                                                            jnp.asarray(a_len)[None], jnp.ones((1, B), bool), 0)
             text = tokenizer.decode(np.asarray(prompt)[0, :int(prompt_len[0])].tolist(), skip_special_tokens=False)
-            expected = head + T.full_text(T.mean_field_segments(event.topic, m_text, past[:B])) + tail
+            expected = head + T.full_text(T.mean_field_segments(event.topic, m_text, past[:B], language=language)) + tail
             assert text == expected
 
 
