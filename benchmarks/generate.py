@@ -42,6 +42,8 @@ if __package__ in (None, ""):
 
 from absl import app, flags  # noqa: E402
 
+import hardware  # noqa: E402  (benchmarks/hardware.py: this script's folder is on sys.path)
+
 CASES = flags.DEFINE_list("cases", ["n64", "n256", "n1024", "decode"],
                           "Cases to run: n64, n256, n1024 (600-token prompts, 300 shared, 50 new), "
                           "decode (256 agents, 64-token prompts, 32 shared, 256 new).")
@@ -128,16 +130,6 @@ def design_style_limit(cfg, case: Case, cascade: bool) -> float:
     own = case.prompt - (case.prefix if cascade else 0)
     return DESIGN_TFLOPS * 1e12 / ((own + case.new) * 2 * cfg.param_count)
 
-
-def device_peaks(kind: str) -> tuple[float | None, float | None]:
-    """(peak FLOP/s, HBM bytes/s) for the roofline: flags first, then the known devices."""
-    flops = PEAK_TFLOPS.value * 1e12 if PEAK_TFLOPS.value else None
-    bw = HBM_TBPS.value * 1e12 if HBM_TBPS.value else None
-    if "H200" in kind:
-        flops, bw = flops or 730e12, bw or 4.3e12
-    elif "H100" in kind:
-        flops, bw = flops or 730e12, bw or 3.0e12
-    return flops, bw
 
 
 # ------------------------------------------------------------------------------------------ inputs
@@ -349,7 +341,7 @@ def main(argv):
                 print(f"  -> {row.get('wall_s', row.get('error'))}", flush=True)
                 rows.append(row)
 
-    peaks = device_peaks(kind)
+    peaks = hardware.device_peaks(kind, PEAK_TFLOPS.value, HBM_TBPS.value)
     by_name = {c.name: c for c in cases}
     for row in rows:
         add_rates(row, by_name[row["case"]], cfg, peaks, dtype.itemsize, backend == "gpu")

@@ -73,6 +73,8 @@ if __package__ in (None, ""):
 
 from absl import app, flags  # noqa: E402
 
+import hardware  # noqa: E402  (benchmarks/hardware.py: this script's folder is on sys.path)
+
 TINY = flags.DEFINE_bool("tiny", False, "Tiny model and workload: a smoke run of the whole script on CPU.")
 NUM_EVENTS = flags.DEFINE_integer("num_events", None, "Events (= worlds in the one batch). Default 8 (tiny: 2).")
 NUM_AGENTS = flags.DEFINE_integer("num_agents", None, "Agents per event. Default 300 (tiny: 30).")
@@ -320,16 +322,6 @@ def roofline_seconds(cfg, lengths: dict, reuse: bool, peak_flops: float, hbm_bps
         parts["mf_decode"] += float(np.sum(np.maximum(dflops / peak_flops, dbytes / hbm_bps)))
     return {"seconds": sum(parts.values()), **{k + "_s": v for k, v in parts.items()}}
 
-
-def device_peaks(kind: str) -> tuple[float | None, float | None]:
-    """(peak FLOP/s, HBM bytes/s): flags first, then the known devices."""
-    flops = PEAK_TFLOPS.value * 1e12 if PEAK_TFLOPS.value else None
-    bw = HBM_TBPS.value * 1e12 if HBM_TBPS.value else None
-    if "H200" in kind:
-        flops, bw = flops or 730e12, bw or 4.3e12
-    elif "H100" in kind:
-        flops, bw = flops or 730e12, bw or 3.0e12
-    return flops, bw
 
 
 # ------------------------------------------------------------------------------------------ peer
@@ -595,7 +587,7 @@ def main(argv):
             r["out_tok_per_s"] = out_tokens / r["wall_s"]
 
     # Limits at this run's measured lengths.
-    flops, bw = device_peaks(ctx["kind"])
+    flops, bw = hardware.device_peaks(ctx["kind"], PEAK_TFLOPS.value, HBM_TBPS.value)
     limits = []
     if flops:
         for reuse in (False, True):

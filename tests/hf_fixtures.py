@@ -178,3 +178,22 @@ def make_tiny_tokenizer(out_dir, *, vocab_size: int = 128, chat_template: str | 
         # Real sentencepiece checkpoints ship the .model next to tokenizer.json; keep it the same here.
         shutil.copyfile(os.path.join(work, "tokenizer.model"), os.path.join(out_dir, "tokenizer.model"))
     return out_dir
+
+
+def hf_logits(model, tokens, mask):
+    """transformers float32 logits at the positions ``generate`` uses for a padded batch.
+
+    A plain forward does not derive positions from the attention mask, so they are passed:
+    cumsum(mask) - 1, clipped at 0 on the padding.
+    """
+    import numpy as np
+    import torch
+
+    positions = np.clip(np.cumsum(mask, axis=-1) - 1, 0, None)
+    with torch.no_grad():
+        out = model(
+            input_ids=torch.as_tensor(tokens, dtype=torch.long),
+            attention_mask=torch.as_tensor(mask, dtype=torch.long),
+            position_ids=torch.as_tensor(positions, dtype=torch.long),
+        )
+    return out.logits.float().numpy()

@@ -22,7 +22,7 @@ import torch
 import transformers
 from safetensors.numpy import load_file
 
-from hf_fixtures import TINY_CASES, make_tiny_hf_model, tiny_hf_config
+from hf_fixtures import TINY_CASES, hf_logits as _hf_logits, make_tiny_hf_model, tiny_hf_config
 from mfjax.config import UnsupportedConfigError
 from mfjax.io.hf import load_hf, save_hf
 from mfjax.models import decoder
@@ -51,19 +51,6 @@ def _batch(vocab: int, seed: int = 0):
         mask[row, :pad] = 0
         tokens[row, :pad] = PAD_ID
     return tokens, mask
-
-
-def _hf_logits(model, tokens, mask) -> np.ndarray:
-    """transformers logits with the positions ``generate`` would use: a plain forward does not derive
-    positions from the attention mask, so pass them (cumsum(mask) - 1, clipped at 0 on padding)."""
-    positions = np.clip(np.cumsum(mask, axis=-1) - 1, 0, None)
-    with torch.no_grad():
-        out = model(
-            input_ids=torch.as_tensor(tokens, dtype=torch.long),
-            attention_mask=torch.as_tensor(mask, dtype=torch.long),
-            position_ids=torch.as_tensor(positions, dtype=torch.long),
-        )
-    return out.logits.float().numpy()
 
 
 def _assert_close_on_real(got, want, mask, **tol):

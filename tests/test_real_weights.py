@@ -21,6 +21,7 @@ import pytest
 import torch
 import transformers
 
+from hf_fixtures import hf_logits as _hf_logits
 from mfjax.io.hf import load_hf, save_hf
 from mfjax.models import decoder
 
@@ -29,18 +30,6 @@ PROMPTS = (
     "谣言在微博上迅速传播，许多网友表示怀疑。",
 )
 TOL = dict(atol=1e-4, rtol=1e-4)
-
-
-def _hf_logits(model, tokens, mask) -> np.ndarray:
-    """transformers logits at the positions ``generate`` uses for a left-padded batch."""
-    positions = np.clip(np.cumsum(mask, axis=-1) - 1, 0, None)
-    with torch.no_grad():
-        out = model(
-            input_ids=torch.as_tensor(tokens, dtype=torch.long),
-            attention_mask=torch.as_tensor(mask, dtype=torch.long),
-            position_ids=torch.as_tensor(positions, dtype=torch.long),
-        )
-    return out.logits.float().numpy()
 
 
 @pytest.fixture(scope="module")
