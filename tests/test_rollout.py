@@ -48,10 +48,11 @@ def events():
     return read_fixture_events("ced_sample.jsonl")[:2]
 
 
-def make_rollout(tokenizer, cfg, events, algorithm, *, sampling=None, mesh=None, mf_tokens=8, language="zh"):
+def make_rollout(tokenizer, cfg, events, algorithm, *, sampling=None, mesh=None, mf_tokens=8, language="zh",
+                 mf_with_states=False):
     tt = TokenTemplates.build(tokenizer, language, chat=True, step_size=B)
     encoded = [SB.encode_event(e, tokenizer, tt, num_agents=NUM_AGENTS, step_size=B, max_action_tokens=LA,
-                               algorithm=algorithm, mf_with_states=False) for e in events]
+                               algorithm=algorithm, mf_with_states=mf_with_states) for e in events]
     stop, pad = tokenizer.eos_token_ids, tokenizer.pad_token_id
     greedy = SamplingConfig(temperature=None, repetition_penalty=1.2)
     rcfg = R.RolloutConfig(
@@ -60,7 +61,7 @@ def make_rollout(tokenizer, cfg, events, algorithm, *, sampling=None, mesh=None,
         policy=GenerateConfig(max_new_tokens=6, sampling=sampling or greedy, stop_token_ids=stop, pad_token_id=pad),
         mean_field=GenerateConfig(max_new_tokens=mf_tokens, sampling=sampling or greedy, stop_token_ids=stop,
                                   pad_token_id=pad),
-        **SB.widths_for(encoded))
+        mf_with_states=mf_with_states, **SB.widths_for(encoded))
     newline = newline_table(tokenizer, cfg.vocab_size)
     return tt, encoded, rcfg, newline, R.Rollout(rcfg, tt, cfg, cfg, newline, mesh=mesh)
 
@@ -152,6 +153,23 @@ def test_prompts_in_token_space_equal_spec_text(tokenizer, model, fixture, langu
             text = tokenizer.decode(np.asarray(prompt)[0, :int(prompt_len[0])].tolist(), skip_special_tokens=False)
             expected = head + T.full_text(T.mean_field_segments(event.topic, m_text, past[:B], language=language)) + tail
             assert text == expected
+
+
+def test_mean_field_prompt_with_states_equals_spec_text(tokenizer, model, events):
+    """The mean-field prompt variant whose lines carry each agent's state (the paper's μ(states, actions))."""
+    cfg, _ = model
+    head, tail = tokenizer.chat_template_parts()
+    event = events[0]
+    tt, encoded, rcfg, newline, rollout = make_rollout(tokenizer, cfg, [event], "mf", mf_with_states=True)
+    inputs = SB.stack_worlds([(encoded[0], 0)], rcfg, tokenizer)
+    actions = ["求真相", "不信", "转发微博", "顶"]
+    a_tok, a_len = SB._rows([tokenizer.encode(a) for a in actions], B, LA, 0, "a", "t")
+    k = 1  # the second step: agents B .. 2B-1, numbered 1 .. B in the prompt
+    prompt, prompt_len = rollout.mean_field_prompt(inputs, rollout.initial_carry(1), jnp.asarray(a_tok)[None],
+                                                   jnp.asarray(a_len)[None], jnp.ones((1, B), bool), k)
+    text = tokenizer.decode(np.asarray(prompt)[0, :int(prompt_len[0])].tolist(), skip_special_tokens=False)
+    states = [T.state_text(a) for a in event.agents[k * B:(k + 1) * B]]
+    assert text == head + T.full_text(T.mean_field_segments(event.topic, "", actions, states)) + tail
 
 
 def test_seeds_reproducible_and_distinct(tokenizer, model, events):
