@@ -114,6 +114,7 @@ def main(argv):
     from jax.experimental import multihost_utils
 
     from mfjax import sharding
+    from mfjax.config import ModelConfig
     from mfjax.data.sources import iter_events
     from mfjax.engine.api import default_attn_impl
     from mfjax.engine.generate import GenerateConfig
@@ -160,14 +161,15 @@ def main(argv):
                                  f"{policy_dir}; the two must share one (actions and the mean field pass as tokens)")
 
     def load(model_dir, lora_dir):
-        cfg, params = load_hf(model_dir, dtype=dtype)
+        # Straight onto the mesh (each device receives only its shards), then the decode layout.
+        cfg = ModelConfig.from_hf(model_dir)
+        cfg, params = load_hf(model_dir, dtype=dtype, shardings=sharding.param_shardings(cfg, mesh))
         if lora_dir:
             from mfjax.models.lora import merge_peft_adapter
 
             params = merge_peft_adapter(cfg, params, lora_dir)
         params = unstack_layers(params)
-        shardings = sharding.param_shardings(cfg, mesh, layers_unstacked=True)
-        return cfg, jax.device_put(params, shardings)
+        return cfg, jax.device_put(params, sharding.param_shardings(cfg, mesh, layers_unstacked=True))
 
     policy_cfg, policy_params = load(policy_dir, FLAGS.policy_lora)
     if mf_dir == policy_dir and FLAGS.mean_field_lora == FLAGS.policy_lora:

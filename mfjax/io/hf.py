@@ -309,11 +309,19 @@ def load_hf(model_dir: str | os.PathLike, dtype=jnp.float32, shardings: Any = No
             spec = _get_path(specs, rule.path)
             array = _read_param(rule, spec, found, tensors, cfg.num_layers, target, model_dir)
             sharding = _get_path(shardings, rule.path) if shardings is not None else None
-            _set_path(params, rule.path, jax.device_put(array, sharding) if sharding is not None else jnp.asarray(array))
+            _set_path(params, rule.path, _place(array, sharding))
             del array  # the host copy goes as soon as it is on the device
     finally:
         tensors.close()
     return cfg, params
+
+
+def _place(array: np.ndarray, sharding) -> jax.Array:
+    """The host array on its sharding; each process places only the shards its devices hold, so the same
+    call works on one host and on several."""
+    if sharding is None:
+        return jnp.asarray(array)
+    return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
 
 
 def _read_param(rule, spec, found, tensors, num_layers, target, model_dir) -> np.ndarray:
