@@ -42,7 +42,7 @@ if __package__ in (None, ""):
 
 from absl import app, flags  # noqa: E402
 
-import hardware  # noqa: E402  (benchmarks/hardware.py: this script's folder is on sys.path)
+import common  # noqa: E402  (benchmarks/common.py: this script's folder is on sys.path)
 
 CASES = flags.DEFINE_list("cases", ["n64", "n256", "n1024", "decode"],
                           "Cases to run: n64, n256, n1024 (600-token prompts, 300 shared, 50 new), "
@@ -60,13 +60,7 @@ PEAK_TFLOPS = flags.DEFINE_float("peak_tflops", None,
                                  "bf16 matmul peak for the roofline; default 730 on H100/H200, none elsewhere.")
 HBM_TBPS = flags.DEFINE_float("hbm_tbps", None, "HBM bandwidth for the roofline; default 3.0 (H100) / 4.3 (H200).")
 
-# Qwen2-1.5B (config.json of the hub checkpoint, the fields the decoder reads).
-QWEN2_1_5B = dict(
-    model_type="qwen2", vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
-    num_attention_heads=12, num_key_value_heads=2, head_dim=128, max_position_embeddings=32768,
-    rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=True, hidden_act="silu",
-    bos_token_id=151643, eos_token_id=151643,
-)
+QWEN2_1_5B = common.QWEN2_1_5B
 TINY_CFG = dict(QWEN2_1_5B, vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                 num_attention_heads=4, num_key_value_heads=2, head_dim=16, eos_token_id=1, bos_token_id=1)
 STOP_IDS = (151643, 151645)  # Qwen's <|endoftext|>, <|im_end|>; masked by min_new_tokens anyway
@@ -341,7 +335,7 @@ def main(argv):
                 print(f"  -> {row.get('wall_s', row.get('error'))}", flush=True)
                 rows.append(row)
 
-    peaks = hardware.device_peaks(kind, PEAK_TFLOPS.value, HBM_TBPS.value)
+    peaks = common.device_peaks(kind, PEAK_TFLOPS.value, HBM_TBPS.value)
     by_name = {c.name: c for c in cases}
     for row in rows:
         add_rates(row, by_name[row["case"]], cfg, peaks, dtype.itemsize, backend == "gpu")

@@ -73,7 +73,7 @@ if __package__ in (None, ""):
 
 from absl import app, flags  # noqa: E402
 
-import hardware  # noqa: E402  (benchmarks/hardware.py: this script's folder is on sys.path)
+import common  # noqa: E402  (benchmarks/common.py: this script's folder is on sys.path)
 
 TINY = flags.DEFINE_bool("tiny", False, "Tiny model and workload: a smoke run of the whole script on CPU.")
 NUM_EVENTS = flags.DEFINE_integer("num_events", None, "Events (= worlds in the one batch). Default 8 (tiny: 2).")
@@ -102,13 +102,7 @@ TOKENIZER_DIR = flags.DEFINE_string("tokenizer_dir", None, "Where the converted 
 SEED = flags.DEFINE_integer("seed", 0, "Seed of the synthetic events, the weights and the sampling.")
 OUT_JSON = flags.DEFINE_string("out_json", None, "Write all results here as JSON.")
 
-# Qwen2-1.5B (config.json of the hub checkpoint, the fields the decoder reads).
-QWEN2_1_5B = dict(
-    model_type="qwen2", vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
-    num_attention_heads=12, num_key_value_heads=2, head_dim=128, max_position_embeddings=32768,
-    rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=True, hidden_act="silu",
-    bos_token_id=151643, eos_token_id=151643,
-)
+QWEN2_1_5B = common.QWEN2_1_5B
 TINY_MODEL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, head_dim=16)
 DEFAULTS = dict(num_events=8, num_agents=300, step_size=16, warmup_steps=3, policy_new_tokens=50, mf_new_tokens=200)
@@ -587,7 +581,7 @@ def main(argv):
             r["out_tok_per_s"] = out_tokens / r["wall_s"]
 
     # Limits at this run's measured lengths.
-    flops, bw = hardware.device_peaks(ctx["kind"], PEAK_TFLOPS.value, HBM_TBPS.value)
+    flops, bw = common.device_peaks(ctx["kind"], PEAK_TFLOPS.value, HBM_TBPS.value)
     limits = []
     if flops:
         for reuse in (False, True):

@@ -1,6 +1,14 @@
-"""Hardware ceilings the benchmarks report against (DESIGN.md, measured on H100 / H200)."""
+"""What both benchmarks measure against: the Qwen2-1.5B shape and the hardware ceilings (DESIGN.md)."""
 
 from __future__ import annotations
+
+# Qwen2-1.5B (config.json of the hub checkpoint, the fields the decoder reads).
+QWEN2_1_5B = dict(
+    model_type="qwen2", vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+    num_attention_heads=12, num_key_value_heads=2, head_dim=128, max_position_embeddings=32768,
+    rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=True, hidden_act="silu",
+    bos_token_id=151643, eos_token_id=151643,
+)
 
 # Device name fragment -> (bf16 matmul FLOP/s, HBM bytes/s).
 KNOWN_PEAKS = {"H200": (730e12, 4.3e12), "H100": (730e12, 3.0e12)}
