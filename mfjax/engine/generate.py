@@ -21,6 +21,7 @@ from typing import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from mfjax.config import ModelConfig
 from mfjax.engine.kvcache import (KVCache, Prefix, init_cache, left_padded_positions,  # noqa: F401
@@ -211,12 +212,13 @@ def bucket_length(n: int, buckets: Sequence[int] | None = None, minimum: int = 1
     return size
 
 
-def pad_rows(rows: Sequence[Sequence[int]], width: int, pad_id: int, left: bool) -> tuple[jax.Array, jax.Array]:
-    """Pads token lists to [len(rows), width] on the left or right; returns (tokens, lengths)."""
-    import numpy as np
-
-    out = np.full((len(rows), width), pad_id, np.int32)
-    lengths = np.zeros((len(rows),), np.int32)
+def pad_rows_host(rows: Sequence[Sequence[int]], width: int, pad_id: int, *, left: bool,
+                  num_rows: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Pads token lists to numpy [num_rows or len(rows), width] on the left or right; returns
+    (tokens, lengths). Rows past ``len(rows)`` are all padding with length 0."""
+    n = len(rows) if num_rows is None else num_rows
+    out = np.full((n, width), pad_id, np.int32)
+    lengths = np.zeros((n,), np.int32)
     for i, row in enumerate(rows):
         if len(row) > width:
             raise ValueError(f"row {i} has {len(row)} tokens, more than the width {width}")
@@ -226,7 +228,13 @@ def pad_rows(rows: Sequence[Sequence[int]], width: int, pad_id: int, left: bool)
                 out[i, width - len(row):] = row
             else:
                 out[i, :len(row)] = row
-    return jnp.asarray(out), jnp.asarray(lengths)
+    return out, lengths
+
+
+def pad_rows(rows: Sequence[Sequence[int]], width: int, pad_id: int, left: bool) -> tuple[jax.Array, jax.Array]:
+    """:func:`pad_rows_host` as device arrays."""
+    tokens, lengths = pad_rows_host(rows, width, pad_id, left=left)
+    return jnp.asarray(tokens), jnp.asarray(lengths)
 
 
 prefill_prefix_jit = jax.jit(prefill_prefix, static_argnames=("cfg", "attn_impl", "cache_dtype"))

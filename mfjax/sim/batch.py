@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mfjax.data.events import Event, select_agents
+from mfjax.engine.generate import pad_rows_host
 from mfjax.sim import rollout as R
 from mfjax.sim import templates as T
 from mfjax.sim.prompts import TokenTemplates
@@ -138,14 +139,11 @@ def world_key(seed: int, event_id: str) -> jax.Array:
 
 
 def _rows(rows: Sequence[Sequence[int]], n: int, width: int, pad: int, what: str, event_id: str):
-    tokens = np.full((n, width), pad, np.int32)
-    lengths = np.zeros((n,), np.int32)
-    for i, row in enumerate(rows):
-        if len(row) > width:
-            raise ValueError(f"event {event_id}: {what} {i} has {len(row)} tokens, over the buffer of {width}")
-        tokens[i, :len(row)] = row
-        lengths[i] = len(row)
-    return tokens, lengths
+    """Right-padded numpy [n, width] rows of one event's ``what``; an overlong row names the event."""
+    try:
+        return pad_rows_host(rows, width, pad, left=False, num_rows=n)
+    except ValueError as e:
+        raise ValueError(f"event {event_id}: {what}: {e}") from None
 
 
 def stack_worlds(worlds: Sequence[tuple[EncodedEvent, int]], rcfg: "R.RolloutConfig", tokenizer,
