@@ -54,6 +54,21 @@ class GenerateConfig:
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
+class LineStop:
+    """Stop a row when its first line ends: at a line break that follows visible text (breaks and other
+    whitespace before the first visible character do not stop it). Tables are [V] bool."""
+
+    whitespace: jax.Array  # the token's text is all whitespace
+    has_break: jax.Array  # it holds a line break
+    visible_break: jax.Array  # it holds a break after a visible character of its own
+
+    def ends(self, token: jax.Array, started: jax.Array) -> jax.Array:
+        """Whether ``token`` [B] ends the line, given whether visible text came before it [B]."""
+        return jnp.where(started, self.has_break[token], self.visible_break[token])
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
 class Generated:
     """Generated tokens [B, M] (pad after the stop token, which is kept) and counts [B]."""
 
@@ -93,7 +108,7 @@ def _history(prefix: Prefix | None, rows_per_group: int, suffix: jax.Array, suff
 def generate_tokens(params, cfg: ModelConfig, gcfg: GenerateConfig, suffix: jax.Array, suffix_lens: jax.Array,
                     keys: jax.Array, prefix: Prefix | None = None, cache_dtype=None,
                     stop_mask: jax.Array | None = None, targets: jax.Array | None = None,
-                    target_lens: jax.Array | None = None) -> Generated:
+                    target_lens: jax.Array | None = None, line_stop: LineStop | None = None) -> Generated:
     """Generates up to ``gcfg.max_new_tokens`` tokens for each of B rows.
 
     Args:
@@ -107,6 +122,7 @@ def generate_tokens(params, cfg: ModelConfig, gcfg: GenerateConfig, suffix: jax.
       targets, target_lens: optional [B, Tt] right-padded continuations to score in the same prefill
         (teacher forced after the prompt); their log-probabilities come back in ``target_logprobs``
         and their cache slots are then hidden, so generation continues from the prompt alone.
+      line_stop: optional: also stop a row where its first line ends (the token that ends it is kept).
     """
     B, Ts = suffix.shape
     M = gcfg.max_new_tokens
@@ -154,7 +170,7 @@ def generate_tokens(params, cfg: ModelConfig, gcfg: GenerateConfig, suffix: jax.
         return keep_going
 
     def body(carry):
-        step, logits, cache, done, out, history, history_valid = carry
+        step, logits, cache, done, out, history, history_valid, started = carry
         if gcfg.min_new_tokens:
             logits = jnp.where((step < gcfg.min_new_tokens) & stop_mask[None, : logits.shape[-1]], -jnp.inf, logits)
         step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, step)
@@ -163,16 +179,20 @@ def generate_tokens(params, cfg: ModelConfig, gcfg: GenerateConfig, suffix: jax.
         out = out.at[:, step].set(token)
         history = history.at[:, hist_offset + Ts + step].set(token)
         history_valid = history_valid.at[:, hist_offset + Ts + step].set(~done)
-        done = done | stop_mask[token]
+        stop = stop_mask[token]
+        if line_stop is not None:
+            stop |= line_stop.ends(token, started)
+            started |= ~line_stop.whitespace[token]
+        done = done | stop
         hidden, cache = decoder.forward(params, cfg, token[:, None], (next_pos + step)[:, None], cache=cache,
                                         cache_index=Ts_gen + step, prefix=prefix_cache, attn_impl=gcfg.attn_impl)
         logits = decoder.logits(params, cfg, hidden[:, 0])
-        return step + 1, logits, cache, done, out, history, history_valid
+        return step + 1, logits, cache, done, out, history, history_valid, started
 
     out = jnp.full((B, M), gcfg.pad_token_id, jnp.int32)
     done = jnp.zeros((B,), bool)
-    carry = (jnp.int32(0), first_logits, cache, done, out, history, history_valid)
-    _, _, _, done, out, _, history_valid = jax.lax.while_loop(cond, body, carry)
+    carry = (jnp.int32(0), first_logits, cache, done, out, history, history_valid, jnp.zeros((B,), bool))
+    _, _, _, done, out, _, history_valid, _ = jax.lax.while_loop(cond, body, carry)
     lengths = jnp.sum(history_valid[:, hist_offset + Ts:], axis=1).astype(jnp.int32)
     return Generated(tokens=out, lengths=lengths, finished=done, target_logprobs=scored)
 
