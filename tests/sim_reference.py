@@ -15,6 +15,7 @@ import numpy as np
 
 from mfjax.engine.generate import generate_tokens_jit, pad_rows
 from mfjax.engine.score import score_tokens_jit
+from mfjax.sim import lines as LN
 from mfjax.sim import templates as T
 from mfjax.sim.batch import Override
 
@@ -26,7 +27,9 @@ class ReferenceWorld:
     sources: list  # per agent: 'warmup' | 'generated' | 'intervention' | 'key_node'
     nll: list  # per agent
     mean_fields: list  # per step: the mean field the policy read
+    mean_fields_out: list  # per step: the mean field written from the step's actions
     mf_prompts: list  # per step: the mean-field prompt tokens
+    policy_prefixes: list  # per step: the policy prompt tokens before the agent's own part
 
 
 def _ids(piece):
@@ -46,22 +49,38 @@ def _comment_list(tt, header, items):
     return out
 
 
-def reference_world(enc, seed, rcfg, tt, policy_params, policy_cfg, mf_params, mf_cfg, newline, world_key,
-                    overrides=()) -> ReferenceWorld:
+def _cleaned(tables, tokens, text_len, pad, tokenizer, expected_fn, raw):
+    """The line-handled tokens, checked against SPEC's string operation on the decoded text."""
+    out, n = clean_jit(tables, jnp.asarray([tokens]), jnp.asarray([text_len]), pad)
+    cleaned = np.asarray(out)[0, :int(n[0])].tolist()
+    assert tokenizer.decode(cleaned) == expected_fn(tokenizer.decode(raw[:text_len])), (raw, cleaned)
+    return cleaned
+
+
+clean_jit = jax.jit(LN.clean, static_argnames=("pad_id",))
+
+
+def reference_world(enc, seed, rcfg, tt, policy_params, policy_cfg, mf_params, mf_cfg, lines, world_key,
+                    tokenizer, overrides=()) -> ReferenceWorld:
     """Runs one world step by step."""
     B = rcfg.step_size
+    policy_lines, mf_lines = lines
+    vocab = policy_lines.whitespace.shape[0]
     eos = set(rcfg.policy.stop_token_ids)
-    policy_stop = jnp.asarray(newline | np.isin(np.arange(len(newline)), list(eos)))
-    mf_stop = jnp.asarray(np.isin(np.arange(len(newline)), list(rcfg.mean_field.stop_token_ids)))
+    policy_stop = jnp.asarray(np.isin(np.arange(vocab), list(eos)))
+    mf_eos = set(rcfg.mean_field.stop_token_ids)
+    mf_stop = jnp.asarray(np.isin(np.arange(vocab), list(mf_eos)))
     kinds = {}
     for o in overrides:
         if o.event_id in (None, enc.event.event_id):
             kinds[o.step * B + o.position] = o
     m: list[int] = []
     past: list[tuple[list[int], int]] = []  # (action, followers)
-    out = ReferenceWorld([], [], [], [], [], [])
+    out = ReferenceWorld([], [], [], [], [], [], [], [])
     for k in range(rcfg.num_steps):
         agents = [a for a in range(k * B, (k + 1) * B) if a < enc.num_agents]
+        if not agents:
+            break
         if rcfg.algorithm == "mf":
             ctx = (_ids(tt.mf_ctx_open) + m + _ids(tt.mf_ctx_close)) if m else []
         elif rcfg.algorithm == "recent":
@@ -73,10 +92,11 @@ def reference_world(enc, seed, rcfg, tt, policy_params, policy_cfg, mf_params, m
         else:
             ctx = []
         prefix = enc.policy_head + ctx + _ids(tt.profile)
+        out.policy_prefixes.append(prefix)
         prompts = [prefix + enc.agent_part[a] for a in agents]
         width = max(len(p) for p in prompts)
         tokens, lens = pad_rows(prompts, width, rcfg.policy.pad_token_id, left=True)
-        real, real_lens = pad_rows([enc.real_action[a] for a in agents], rcfg.max_action_tokens,
+        real, real_lens = pad_rows([enc.real_action[a] for a in agents], rcfg.action_width,
                                    rcfg.policy.pad_token_id, left=False)
         logprobs = np.asarray(score_tokens_jit(policy_params, policy_cfg, tokens, lens, real, real_lens))
         warm = k < rcfg.warmup_steps
@@ -85,9 +105,14 @@ def reference_world(enc, seed, rcfg, tt, policy_params, policy_cfg, mf_params, m
         else:
             keys = jnp.stack([jax.random.fold_in(jax.random.fold_in(world_key, 0), a) for a in agents])
             gen = generate_tokens_jit(policy_params, policy_cfg, rcfg.policy, tokens, lens, keys,
-                                      stop_mask=policy_stop)
-            g_tok, g_len, g_fin = np.asarray(gen.tokens), np.asarray(gen.lengths), np.asarray(gen.finished)
-            generated = [g_tok[i, :g_len[i] - int(g_fin[i])].tolist() for i in range(len(agents))]
+                                      stop_mask=policy_stop, line_stop=policy_lines.stop_rule())
+            g_tok, g_len = np.asarray(gen.tokens), np.asarray(gen.lengths)
+            generated = []
+            for i in range(len(agents)):
+                raw = g_tok[i, :g_len[i]].tolist()
+                n = len(raw) - int(bool(raw) and raw[-1] in eos)  # an end-of-sequence token carries no text
+                generated.append(_cleaned(policy_lines, raw, n, rcfg.policy.pad_token_id, tokenizer, LN.first_line,
+                                          raw))
         step_actions = []
         for i, a in enumerate(agents):
             o = kinds.get(a)
@@ -115,16 +140,18 @@ def reference_world(enc, seed, rcfg, tt, policy_params, policy_cfg, mf_params, m
             p_tok, p_len = pad_rows([prompt], len(prompt), rcfg.mean_field.pad_token_id, left=True)
             key = jax.random.fold_in(jax.random.fold_in(world_key, 1), k)[None]
             gen = generate_tokens_jit(mf_params, mf_cfg, rcfg.mean_field, p_tok, p_len, key, stop_mask=mf_stop)
-            n = int(gen.lengths[0]) - int(gen.finished[0])
-            m = [t for t in np.asarray(gen.tokens)[0, :n].tolist() if not newline[t]]
+            raw = np.asarray(gen.tokens)[0, :int(gen.lengths[0])].tolist()
+            n = len(raw) - int(bool(raw) and raw[-1] in mf_eos)
+            m = _cleaned(mf_lines, raw, n, rcfg.mean_field.pad_token_id, tokenizer, LN.join_lines, raw)
+        out.mean_fields_out.append(list(m))
     return out
 
 
-def with_tokens(overrides, tokenizer, max_tokens):
+def with_tokens(overrides, tokenizer):
     """Overrides with their intervention texts tokenized (as the batch builder does)."""
     out = []
     for o in overrides:
         o2 = Override(**dataclasses.asdict(o))
-        object.__setattr__(o2, "text_tokens", tokenizer.encode(o.text)[:max_tokens] if o.text else [])
+        object.__setattr__(o2, "text_tokens", tokenizer.encode(o.text) if o.text else [])
         out.append(o2)
     return out

@@ -16,14 +16,15 @@ from mfjax.engine.sampling import SamplingConfig
 from mfjax.io.tokenizer import Tokenizer
 from mfjax.models.params import init_params, unstack_layers
 from mfjax.sim import batch as SB
+from mfjax.sim import lines as LN
 from mfjax.sim import rollout as R
 from mfjax.sim import templates as T
-from mfjax.sim.prompts import TokenTemplates, newline_table
+from mfjax.sim.prompts import TokenTemplates
 import sim_reference
 
 B = 4  # agents per step
 NUM_AGENTS = 12  # 3 steps
-LA = 16  # action buffer
+POLICY_NEW = 6
 OVERRIDES = (
     SB.Override(step=1, position=1, kind="intervention", text="真的假的？"),
     SB.Override(step=2, position=0, kind="key_node"),
@@ -48,22 +49,31 @@ def events():
     return read_fixture_events("ced_sample.jsonl")[:2]
 
 
-def make_rollout(tokenizer, cfg, events, algorithm, *, sampling=None, mesh=None, mf_tokens=8, language="zh",
-                 mf_with_states=False):
+@pytest.fixture(scope="module")
+def lines(tokenizer, model):
+    return LN.build_line_tables(tokenizer, model[0].vocab_size)
+
+
+def make_rollout(tokenizer, cfg, lines, events, algorithm, *, sampling=None, mesh=None, mf_tokens=8, language="zh",
+                 mf_with_states=False, overrides=OVERRIDES, num_agents=NUM_AGENTS, dump_prompts=False,
+                 max_action_tokens=None):
     tt = TokenTemplates.build(tokenizer, language, chat=True, step_size=B)
-    encoded = [SB.encode_event(e, tokenizer, tt, num_agents=NUM_AGENTS, step_size=B, max_action_tokens=LA,
-                               algorithm=algorithm, mf_with_states=mf_with_states) for e in events]
+    encoded = [SB.encode_event(e, tokenizer, tt, num_agents=num_agents, step_size=B, algorithm=algorithm,
+                               mf_with_states=mf_with_states, max_action_tokens=max_action_tokens, strict=False)
+               for e in events]
     stop, pad = tokenizer.eos_token_ids, tokenizer.pad_token_id
     greedy = SamplingConfig(temperature=None, repetition_penalty=1.2)
+    widths = SB.widths_for(encoded, tt, tokenizer, step_size=B, warmup_steps=1,
+                           generated_width=LN.clean_width(lines[0], POLICY_NEW), mf_with_states=mf_with_states,
+                           overrides=overrides)
     rcfg = R.RolloutConfig(
-        num_steps=NUM_AGENTS // B, algorithm=algorithm, step_size=B, warmup_steps=1, max_action_tokens=LA,
-        mean_field_tokens=mf_tokens,
-        policy=GenerateConfig(max_new_tokens=6, sampling=sampling or greedy, stop_token_ids=stop, pad_token_id=pad),
+        num_steps=-(-max(e.num_agents for e in encoded) // B), algorithm=algorithm, step_size=B, warmup_steps=1,
+        policy=GenerateConfig(max_new_tokens=POLICY_NEW, sampling=sampling or greedy, stop_token_ids=stop,
+                              pad_token_id=pad),
         mean_field=GenerateConfig(max_new_tokens=mf_tokens, sampling=sampling or greedy, stop_token_ids=stop,
                                   pad_token_id=pad),
-        mf_with_states=mf_with_states, **SB.widths_for(encoded))
-    newline = newline_table(tokenizer, cfg.vocab_size)
-    return tt, encoded, rcfg, newline, R.Rollout(rcfg, tt, cfg, cfg, newline, mesh=mesh)
+        mf_with_states=mf_with_states, dump_prompts=dump_prompts, **widths)
+    return tt, encoded, rcfg, R.Rollout(rcfg, tt, cfg, cfg, lines, mesh=mesh)
 
 
 def run(rollout, params, worlds, rcfg, tokenizer, overrides=OVERRIDES):
@@ -78,15 +88,15 @@ def world_tokens(ys, w, field, length_field, agent, B=B):
 
 
 @pytest.mark.parametrize("algorithm", ["mf", "popular"])
-def test_scan_equals_step_by_step_reference(tokenizer, model, events, algorithm):
+def test_scan_equals_step_by_step_reference(tokenizer, model, lines, events, algorithm):
     cfg, params = model
-    tt, encoded, rcfg, newline, rollout = make_rollout(tokenizer, cfg, events, algorithm)
+    tt, encoded, rcfg, rollout = make_rollout(tokenizer, cfg, lines, events, algorithm)
     worlds = [(encoded[0], 0), (encoded[1], 3)]
     ys = run(rollout, params, worlds, rcfg, tokenizer)
-    overrides = sim_reference.with_tokens(OVERRIDES, tokenizer, LA)
+    overrides = sim_reference.with_tokens(OVERRIDES, tokenizer)
     for w, (enc, seed) in enumerate(worlds):
-        ref = sim_reference.reference_world(enc, seed, rcfg, tt, params, cfg, params, cfg, newline,
-                                            SB.world_key(seed, enc.event.event_id), overrides)
+        ref = sim_reference.reference_world(enc, seed, rcfg, tt, params, cfg, params, cfg, lines,
+                                            SB.world_key(seed, enc.event.event_id), tokenizer, overrides)
         for a in range(NUM_AGENTS):
             k, j = divmod(a, B)
             assert R.SOURCE_NAMES[int(ys.source[k, w, j])] == ref.sources[a]
@@ -95,6 +105,7 @@ def test_scan_equals_step_by_step_reference(tokenizer, model, events, algorithm)
             np.testing.assert_allclose(ys.nll[k, w, j], ref.nll[a], rtol=1e-4)
         for k in range(rcfg.num_steps):
             assert ys.mean_field[k, w, :ys.mean_field_len[k, w]].tolist() == ref.mean_fields[k]
+            assert ys.mean_field_out[k, w, :ys.mean_field_out_len[k, w]].tolist() == ref.mean_fields_out[k]
         # Not a vacuous comparison: the policy wrote something.
         assert sum(len(g) for g in ref.generated) > 0
         if algorithm == "mf":
@@ -110,7 +121,7 @@ def test_scan_equals_step_by_step_reference(tokenizer, model, events, algorithm)
 
 
 @pytest.mark.parametrize("fixture, language", [("ced_sample.jsonl", "zh"), ("twitter_sample.jsonl", "en")])
-def test_prompts_in_token_space_equal_spec_text(tokenizer, model, fixture, language):
+def test_prompts_in_token_space_equal_spec_text(tokenizer, model, lines, fixture, language):
     """Policy and mean-field prompts assembled inside jit decode to the SPEC templates byte for byte."""
     cfg, params = model
     head, tail = tokenizer.chat_template_parts()
@@ -119,14 +130,15 @@ def test_prompts_in_token_space_equal_spec_text(tokenizer, model, fixture, langu
     agents = event.agents[:B]
     states = [T.state_text(a, language=language) for a in agents]
     for algorithm in ("mf", "recent", "popular", "state"):
-        tt, encoded, rcfg, newline, rollout = make_rollout(tokenizer, cfg, [event], algorithm, language=language)
+        tt, encoded, rcfg, rollout = make_rollout(tokenizer, cfg, lines, [event], algorithm, language=language)
+        LA = rcfg.action_width
         inputs = SB.stack_worlds([(encoded[0], 0)], rcfg, tokenizer)
         carry = rollout.initial_carry(1)
         m_text = "多数网友质疑该消息的真实性"
         past = ["求真相", "不信", "转发微博", "顶", "真的假的", "等官方消息"]
         followers = [5, -1, 300, 300, 7, 12]
-        m = jnp.asarray([tokenizer.encode(m_text) + [0] * 8])[:, :rcfg.mean_field_tokens]
-        m_len = jnp.asarray([min(len(tokenizer.encode(m_text)), rcfg.mean_field_tokens)])
+        m = jnp.asarray([tokenizer.encode(m_text) + [0] * rollout.mean_field_width])[:, :rollout.mean_field_width]
+        m_len = jnp.asarray([min(len(tokenizer.encode(m_text)), rollout.mean_field_width)])
         m_text = tokenizer.decode(m[0, :m_len[0]].tolist())
         past_tok, past_len = SB._rows([tokenizer.encode(p) for p in past], len(past), LA, 0, "past", "t")
         carry = R.Carry(
@@ -155,15 +167,15 @@ def test_prompts_in_token_space_equal_spec_text(tokenizer, model, fixture, langu
             assert text == expected
 
 
-def test_mean_field_prompt_with_states_equals_spec_text(tokenizer, model, events):
+def test_mean_field_prompt_with_states_equals_spec_text(tokenizer, model, lines, events):
     """The mean-field prompt variant whose lines carry each agent's state (the paper's μ(states, actions))."""
     cfg, _ = model
     head, tail = tokenizer.chat_template_parts()
     event = events[0]
-    tt, encoded, rcfg, newline, rollout = make_rollout(tokenizer, cfg, [event], "mf", mf_with_states=True)
+    tt, encoded, rcfg, rollout = make_rollout(tokenizer, cfg, lines, [event], "mf", mf_with_states=True)
     inputs = SB.stack_worlds([(encoded[0], 0)], rcfg, tokenizer)
     actions = ["求真相", "不信", "转发微博", "顶"]
-    a_tok, a_len = SB._rows([tokenizer.encode(a) for a in actions], B, LA, 0, "a", "t")
+    a_tok, a_len = SB._rows([tokenizer.encode(a) for a in actions], B, rcfg.action_width, 0, "a", "t")
     k = 1  # the second step: agents B .. 2B-1, numbered 1 .. B in the prompt
     prompt, prompt_len = rollout.mean_field_prompt(inputs, rollout.initial_carry(1), jnp.asarray(a_tok)[None],
                                                    jnp.asarray(a_len)[None], jnp.ones((1, B), bool), k)
@@ -172,10 +184,10 @@ def test_mean_field_prompt_with_states_equals_spec_text(tokenizer, model, events
     assert text == head + T.full_text(T.mean_field_segments(event.topic, "", actions, states)) + tail
 
 
-def test_seeds_reproducible_and_distinct(tokenizer, model, events):
+def test_seeds_reproducible_and_distinct(tokenizer, model, lines, events):
     cfg, params = model
-    tt, encoded, rcfg, newline, rollout = make_rollout(tokenizer, cfg, events[:1], "mf",
-                                                       sampling=SamplingConfig.policy())
+    tt, encoded, rcfg, rollout = make_rollout(tokenizer, cfg, lines, events[:1], "mf",
+                                              sampling=SamplingConfig.policy())
     a = run(rollout, params, [(encoded[0], 0), (encoded[0], 1)], rcfg, tokenizer)
     b = run(rollout, params, [(encoded[0], 0), (encoded[0], 1)], rcfg, tokenizer)
     np.testing.assert_array_equal(a.action, b.action)
@@ -190,19 +202,71 @@ def test_seeds_reproducible_and_distinct(tokenizer, model, events):
 
 
 @pytest.mark.parametrize("shape", [{"data": 2, "model": 4}, {"data": 8}])
-def test_sharded_equals_unsharded(tokenizer, model, events, shape):
+def test_sharded_equals_unsharded(tokenizer, model, lines, events, shape):
     from mfjax import sharding
 
     cfg, params = model
     mesh = sharding.make_mesh(shape)
     worlds = [(None, s) for s in range(mesh.shape["data"])]
-    tt, encoded, rcfg, newline, plain = make_rollout(tokenizer, cfg, events[:1], "mf",
-                                                     sampling=SamplingConfig.policy())
+    tt, encoded, rcfg, plain = make_rollout(tokenizer, cfg, lines, events[:1], "mf",
+                                            sampling=SamplingConfig.policy())
     worlds = [(encoded[0], s) for s, _ in enumerate(worlds)]
-    *_, sharded = make_rollout(tokenizer, cfg, events[:1], "mf", sampling=SamplingConfig.policy(), mesh=mesh)
+    *_, sharded = make_rollout(tokenizer, cfg, lines, events[:1], "mf", sampling=SamplingConfig.policy(), mesh=mesh)
     expected = run(plain, params, worlds, rcfg, tokenizer)
     placed = jax.device_put(params, sharding.param_shardings(cfg, mesh, layers_unstacked=True))
     got = run(sharded, placed, worlds, rcfg, tokenizer)
     np.testing.assert_array_equal(got.action, expected.action)
     np.testing.assert_array_equal(got.mean_field, expected.mean_field)
     np.testing.assert_allclose(got.nll, expected.nll, rtol=1e-4)
+
+
+def test_short_event_stops_at_its_last_agent(tokenizer, model, lines, events):
+    """An event shorter than the run: no rows past its last agent, no mean-field update of its empty steps,
+    one trajectory entry per real step (the last update included)."""
+    import dataclasses
+
+    from mfjax.sim import outputs as O
+
+    cfg, params = model
+    short = dataclasses.replace(events[1], agents=events[1].agents[:6])  # 6 agents: steps 0 and 1 (partial)
+    tt, encoded, rcfg, rollout = make_rollout(tokenizer, cfg, lines, [events[0], short], "mf", overrides=())
+    assert rcfg.num_steps == 3 and encoded[1].num_agents == 6 and encoded[1].num_steps == 2
+    ys = run(rollout, params, [(encoded[0], 0), (encoded[1], 0)], rcfg, tokenizer, overrides=())
+    assert (ys.source[2, 1] == R.SOURCE_NONE).all() and (ys.source[1, 1, 2:] == R.SOURCE_NONE).all()
+    # Step 2 of the short world has no agents: its mean field stays what step 1 wrote.
+    np.testing.assert_array_equal(ys.mean_field_out[2, 1], ys.mean_field_out[1, 1])
+    assert ys.mean_field_out_len[1, 1] > 0
+    rows, trajectory = O.world_records(ys, 1, encoded[1], 0, tokenizer, rcfg)
+    assert [r["agent"] for r in rows] == list(range(6))
+    assert [t["step"] for t in trajectory] == [0, 1]
+    final = tokenizer.decode(ys.mean_field_out[1, 1, :ys.mean_field_out_len[1, 1]].tolist())
+    assert trajectory[-1]["mean_field"] == final and final  # the last update is written
+    rows, trajectory = O.world_records(ys, 0, encoded[0], 0, tokenizer, rcfg)
+    assert len(rows) == NUM_AGENTS and len(trajectory) == 3
+    # Each step's update is what the next step's policy read.
+    assert [r["mean_field"] for r in rows if r["step"] == 2][0] == trajectory[1]["mean_field"]
+
+
+def test_real_actions_read_whole(tokenizer, model, lines, events):
+    """Real actions are never cut to a buffer: the buffers are sized from the data; a user's cap cuts at a
+    character boundary and is counted."""
+    import dataclasses
+
+    cfg, params = model
+    long_text = "这条消息是真的吗？" * 12 + "@杜子腾"  # far longer than the policy's output width
+    agents = list(events[0].agents[:NUM_AGENTS])
+    agents[2] = dataclasses.replace(agents[2], action=long_text)
+    event = dataclasses.replace(events[0], agents=tuple(agents))
+    n_long = len(tokenizer.encode(long_text))
+    tt, encoded, rcfg, rollout = make_rollout(tokenizer, cfg, lines, [event], "mf", overrides=())
+    assert encoded[0].real_action[2] == tokenizer.encode(long_text) and encoded[0].truncated_actions == 0
+    assert rcfg.action_width >= n_long > rollout.generated_width
+    ys = run(rollout, params, [(encoded[0], 0)], rcfg, tokenizer, overrides=())
+    assert int(ys.nll_tokens[0, 0, 2]) == n_long  # scored whole
+    used = ys.action[0, 0, 2, :ys.action_len[0, 0, 2]].tolist()
+    assert tokenizer.decode(used) == long_text  # the warm-up reads it whole (and so does the mean field)
+    # A cap cuts at a character boundary, never inside a character, and says how many it cut.
+    tt, encoded, *_ = make_rollout(tokenizer, cfg, lines, [event], "mf", overrides=(), max_action_tokens=20)
+    cut = tokenizer.decode(encoded[0].real_action[2])
+    assert len(encoded[0].real_action[2]) <= 20 and long_text.startswith(cut) and "\ufffd" not in cut
+    assert encoded[0].truncated_actions >= 1

@@ -181,13 +181,3 @@ class TokenTemplates:
         """"第{i}个网友的个人资料：{state}\\n该网友的评论：" for an agent at ``position`` (0-based) in its step."""
         before, _ = _split(T.templates_for(self.language).mf_agent_state_line, "action")
         return before.format(i=position + 1, state=state)
-
-
-def newline_table(tokenizer, vocab_size: int) -> np.ndarray:
-    """[V] bool: tokens whose text contains a line break (the policy keeps the first line only;
-    the mean field drops line breaks)."""
-    n = min(vocab_size, tokenizer.vocab_size)
-    texts = tokenizer.decode_batch([[i] for i in range(n)], skip_special_tokens=False)
-    table = np.zeros((vocab_size,), bool)
-    table[:n] = ["\n" in t or "\r" in t for t in texts]
-    return table

@@ -30,6 +30,7 @@ from mfjax import sharding
 from mfjax.config import ModelConfig
 from mfjax.engine.generate import GenerateConfig, generate_tokens, prefill_prefix
 from mfjax.engine.score import score_tokens
+from mfjax.sim import lines as LN
 from mfjax.sim import prompts as PR
 from mfjax.sim import templates as T
 
@@ -49,26 +50,23 @@ class RolloutConfig:
     algorithm: str = "mf"
     step_size: int = 16  # B: agents per step
     warmup_steps: int = 3  # steps whose actions are the real ones (3 × 16 = the reference's 48 agents)
-    max_action_tokens: int = 64  # La: buffer for an action (real ones are cut to it)
-    mean_field_tokens: int = 200  # Lm: buffer for the mean field (= its max_new_tokens)
+    action_width: int = 64  # La: buffer of one action (sized from the data: real actions are never cut here)
     policy: GenerateConfig = GenerateConfig(max_new_tokens=50)
-    mean_field: GenerateConfig = GenerateConfig(max_new_tokens=200)
+    mean_field: GenerateConfig = GenerateConfig(max_new_tokens=200, min_new_tokens=10)
     mf_with_states: bool = False  # mean-field prompt lines carry the agents' states too
     score_real: bool = True
     attn_impl: str = "xla"
+    dump_prompts: bool = False  # also return every step's policy prefix and mean-field prompt tokens
     # Static buffer widths (tokens), fixed for a run so every batch of worlds shares one compile.
     policy_head_width: int = 128
     agent_part_width: int = 128
     mf_head_width: int = 128
     mf_state_line_width: int = 1
+    mf_lines_width: int = 0  # the longest step's agent lines in a mean-field prompt (0: the worst case)
 
     def __post_init__(self):
         if self.algorithm not in T.ALGORITHMS:
             raise ValueError(f"algorithm must be one of {T.ALGORITHMS}, got {self.algorithm!r}")
-        if self.max_action_tokens < self.policy.max_new_tokens:
-            raise ValueError("max_action_tokens must be >= the policy's max_new_tokens")
-        if self.mean_field.max_new_tokens != self.mean_field_tokens:
-            raise ValueError("mean_field_tokens must equal the mean-field model's max_new_tokens")
         if not 0 <= self.warmup_steps <= self.num_steps:
             raise ValueError(f"warmup_steps must be in [0, num_steps={self.num_steps}]")
 
@@ -90,7 +88,7 @@ class RolloutInputs:
     agent_part_len: jax.Array  # [W, N]
     mf_state_line: jax.Array  # [W, N, Lsl]: "第{i}个网友的个人资料：{state}\n该网友的评论：" (mf_with_states)
     mf_state_line_len: jax.Array
-    real_action: jax.Array  # [W, N, La] right-padded
+    real_action: jax.Array  # [W, N, La] right-padded, whole (never cut to fit)
     real_action_len: jax.Array  # [W, N]
     followers: jax.Array  # [W, N] int32, -1 unknown
     agent_valid: jax.Array  # [W, N] bool
@@ -114,6 +112,13 @@ class StepOutputs:
     nll_tokens: jax.Array  # [W, B]
     mean_field: jax.Array  # [W, Lm] the mean field the policy read at this step
     mean_field_len: jax.Array  # [W]
+    mean_field_out: jax.Array  # [W, Lm] the mean field written from this step's actions (= the input
+    mean_field_out_len: jax.Array  # of the next step; unchanged where the step has no agents)
+    # With ``dump_prompts`` (else None): the prompts as the models read them.
+    policy_prefix: jax.Array | None = None  # [W, P] each world's shared policy prefix at this step
+    policy_prefix_len: jax.Array | None = None
+    mf_prompt: jax.Array | None = None  # [W, Lmf] the mean-field prompt of this step
+    mf_prompt_len: jax.Array | None = None
 
 
 @jax.tree_util.register_dataclass
@@ -130,6 +135,13 @@ class Carry:
     popular_valid: jax.Array
 
 
+def _text_length(out, eos: np.ndarray) -> jax.Array:
+    """Generated tokens that carry text: all of them, less a final end-of-sequence token."""
+    last = jnp.take_along_axis(out.tokens, jnp.maximum(out.lengths - 1, 0)[:, None], axis=1)[:, 0]
+    ends_with_eos = out.finished & (out.lengths > 0) & jnp.asarray(eos)[last]
+    return out.lengths - ends_with_eos.astype(jnp.int32)
+
+
 def _ceil(n: int, multiple: int = 16) -> int:
     return -(-n // multiple) * multiple
 
@@ -143,43 +155,59 @@ class Rollout:
     """A compiled rollout for fixed models, templates and settings; call :meth:`run` per batch of worlds."""
 
     def __init__(self, rcfg: RolloutConfig, templates: PR.TokenTemplates, policy_cfg: ModelConfig,
-                 mf_cfg: ModelConfig, newline: np.ndarray, *, mesh=None, on_step: Callable | None = None):
+                 mf_cfg: ModelConfig, lines: tuple[LN.LineTables, LN.LineTables], *, mesh=None,
+                 on_step: Callable | None = None):
         if policy_cfg.vocab_size != mf_cfg.vocab_size:
             raise ValueError("policy and mean-field models must share one tokenizer and vocabulary "
                              f"(vocab sizes {policy_cfg.vocab_size} vs {mf_cfg.vocab_size})")
+        policy_lines, mf_lines = lines
+        if (policy_lines.mode, mf_lines.mode) != (LN.FIRST_LINE, LN.JOIN):
+            raise ValueError("lines must be (first-line tables for the policy, join tables for the mean field)")
         self.rcfg, self.tt, self.policy_cfg, self.mf_cfg = rcfg, templates, policy_cfg, mf_cfg
+        self.lines = lines
         self.mesh = mesh
         self.on_step = on_step
-        eos = np.zeros((policy_cfg.vocab_size,), bool)
-        eos[list(rcfg.policy.stop_token_ids)] = True
-        self.newline = jnp.asarray(newline)
-        self.policy_stop = jnp.asarray(eos | newline)  # the policy keeps the first line: stop at a break
-        mf_eos = np.zeros((mf_cfg.vocab_size,), bool)
-        mf_eos[list(rcfg.mean_field.stop_token_ids)] = True
-        self.mf_stop = jnp.asarray(mf_eos)
+        # Generated text after SPEC's line handling: the policy's first line, the mean field without breaks.
+        self.generated_width = LN.clean_width(policy_lines, rcfg.policy.max_new_tokens)
+        self.mean_field_width = LN.clean_width(mf_lines, rcfg.mean_field.max_new_tokens)
+        if rcfg.action_width < self.generated_width:
+            raise ValueError(f"action_width {rcfg.action_width} is below the policy's cleaned output width "
+                             f"{self.generated_width}")
+        self.policy_eos = self._stop_mask(policy_cfg, rcfg.policy.stop_token_ids)
+        self.mf_eos = self._stop_mask(mf_cfg, rcfg.mean_field.stop_token_ids)
         if mesh is None:
             self._jitted = jax.jit(self._rollout)
         else:
             # Worlds over the data axes, weights over the model axis (the decode layout: unstacked layers).
             worlds = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
             per_step = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, ("data", "fsdp")))
+            replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
             in_shardings = (sharding.param_shardings(policy_cfg, mesh, layers_unstacked=True),
                             sharding.param_shardings(mf_cfg, mesh, layers_unstacked=True),
-                            RolloutInputs(**{f.name: worlds for f in dataclasses.fields(RolloutInputs)}))
-            out_shardings = (StepOutputs(**{f.name: per_step for f in dataclasses.fields(StepOutputs)}),
-                             Carry(**{f.name: worlds for f in dataclasses.fields(Carry)}))
+                            RolloutInputs(**{f.name: worlds for f in dataclasses.fields(RolloutInputs)}),
+                            jax.tree.map(lambda _: replicated, lines))
+            outputs = {f.name: per_step for f in dataclasses.fields(StepOutputs)}
+            if not rcfg.dump_prompts:
+                outputs.update(policy_prefix=None, policy_prefix_len=None, mf_prompt=None, mf_prompt_len=None)
+            out_shardings = (StepOutputs(**outputs), Carry(**{f.name: worlds for f in dataclasses.fields(Carry)}))
             self._jitted = jax.jit(self._rollout, in_shardings=in_shardings, out_shardings=out_shardings)
+
+    @staticmethod
+    def _stop_mask(cfg: ModelConfig, ids) -> np.ndarray:
+        mask = np.zeros((cfg.vocab_size,), bool)
+        mask[list(ids)] = True
+        return mask
 
     # ------------------------------------------------------------------------------ widths (static)
     @property
     def context_width(self) -> int:
         r, tt = self.rcfg, self.tt
         if r.algorithm == "mf":
-            return len(tt.mf_ctx_open.tokens) + r.mean_field_tokens + len(tt.mf_ctx_close.tokens)
+            return len(tt.mf_ctx_open.tokens) + self.mean_field_width + len(tt.mf_ctx_close.tokens)
         if r.algorithm in ("recent", "popular"):
             header = max(len(tt.recent_header.tokens), len(tt.popular_header.tokens))
             k = T.RECENT_K if r.algorithm == "recent" else T.POPULAR_K
-            return header + k * (tt.comment_pre.tokens.shape[1] + r.max_action_tokens + len(tt.comment_post.tokens))
+            return header + k * (tt.comment_pre.tokens.shape[1] + r.action_width + len(tt.comment_post.tokens))
         return 0
 
     @property
@@ -187,12 +215,20 @@ class Rollout:
         return _ceil(self.rcfg.policy_head_width + self.context_width + len(self.tt.profile.tokens))
 
     @property
-    def mf_prompt_width(self) -> int:
+    def mf_line_width(self) -> tuple[int, int]:
+        """(prefix, suffix) tokens around one action in a mean-field prompt line, at most."""
         r, tt = self.rcfg, self.tt
         line_pre = r.mf_state_line_width if r.mf_with_states else tt.mf_line_pre.tokens.shape[1]
         line_post = len((tt.mf_state_line_post if r.mf_with_states else tt.mf_line_post).tokens)
-        return _ceil(r.mf_head_width + r.mean_field_tokens + len(tt.mf_head_post.tokens)
-                     + r.step_size * (line_pre + r.max_action_tokens + line_post) + len(tt.mf_tail.tokens))
+        return line_pre, line_post
+
+    @property
+    def mf_prompt_width(self) -> int:
+        r, tt = self.rcfg, self.tt
+        pre, post = self.mf_line_width
+        lines = r.mf_lines_width or r.step_size * (pre + r.action_width + post)
+        return _ceil(r.mf_head_width + self.mean_field_width + len(tt.mf_head_post.tokens) + lines
+                     + len(tt.mf_tail.tokens))
 
     # ------------------------------------------------------------------------------------ contexts
     def _comment_list(self, header: PR.Piece, items, lens, valid) -> list:
@@ -250,9 +286,10 @@ class Rollout:
         return PR.pack_segments(segments, self.mf_prompt_width, r.mean_field.pad_token_id)
 
     # ------------------------------------------------------------------------------------ one step
-    def _step(self, policy_params, mf_params, inputs: RolloutInputs, carry: Carry, k):
+    def _step(self, policy_params, mf_params, inputs: RolloutInputs, lines, carry: Carry, k):
         r = self.rcfg
-        W, B, La = inputs.agent_valid.shape[0], r.step_size, r.max_action_tokens
+        W, B, La = inputs.agent_valid.shape[0], r.step_size, r.action_width
+        policy_lines, mf_lines = lines
         sl = lambda x: jax.lax.dynamic_slice_in_dim(x, k * B, B, axis=1)
         agent_part, agent_len = sl(inputs.agent_part), sl(inputs.agent_part_len)
         real, real_len = sl(inputs.real_action), sl(inputs.real_action_len)
@@ -275,12 +312,13 @@ class Rollout:
 
         def generate(_):
             out = generate_tokens(policy_params, self.policy_cfg, r.policy, suffix, suffix_len, _flat(row_keys),
-                                  prefix, stop_mask=self.policy_stop, **score)
-            length = out.lengths - out.finished.astype(jnp.int32)  # drop the stop token (eos / line break)
-            tokens = jnp.where(jnp.arange(r.policy.max_new_tokens)[None] < length[:, None], out.tokens,
-                               r.policy.pad_token_id)
-            tokens = jnp.pad(tokens, ((0, 0), (0, La - r.policy.max_new_tokens)),
-                             constant_values=r.policy.pad_token_id)
+                                  prefix, stop_mask=jnp.asarray(self.policy_eos), line_stop=policy_lines.stop_rule(),
+                                  **score)
+            # The first line of the stripped text (SPEC), in token space; an end-of-sequence token is dropped,
+            # the token that ends the line keeps its text before the break.
+            tokens, length = LN.clean(policy_lines, out.tokens, _text_length(out, self.policy_eos),
+                                      r.policy.pad_token_id)
+            tokens = jnp.pad(tokens, ((0, 0), (0, La - tokens.shape[1])), constant_values=r.policy.pad_token_id)
             return tokens.reshape(W, B, La), length.reshape(W, B), _nll(out.target_logprobs)
 
         def warmup(_):
@@ -314,29 +352,40 @@ class Rollout:
                                                SOURCE_GENERATED)))
         source = jnp.where(valid, source, SOURCE_NONE)
 
-        # 6. Mean-field update from this step's actions.
+        # 6. Mean-field update from this step's actions; a step without agents (an event that ended
+        # earlier than others in its batch) leaves the mean field as it was.
         new_m, new_m_len = carry.m, carry.m_len
+        mf_prompt = mf_prompt_len = None
         if r.algorithm == "mf":
-            new_m, new_m_len = self._mean_field(mf_params, inputs, carry, action, action_len, valid, k)
+            mf_prompt, mf_prompt_len = self.mean_field_prompt(inputs, carry, action, action_len, valid, k)
+            m, m_len = self._mean_field(mf_params, inputs, mf_lines, mf_prompt, mf_prompt_len, k)
+            has_agents = jnp.any(valid, axis=1)
+            new_m = jnp.where(has_agents[:, None], m, carry.m)
+            new_m_len = jnp.where(has_agents, m_len, carry.m_len)
 
+        dump = {}
+        if r.dump_prompts:
+            if mf_prompt is None:
+                mf_prompt, mf_prompt_len = jnp.zeros((W, 1), jnp.int32), jnp.zeros((W,), jnp.int32)
+            dump = dict(policy_prefix=prefix_tokens, policy_prefix_len=prefix_len, mf_prompt=mf_prompt,
+                        mf_prompt_len=mf_prompt_len)
         ys = StepOutputs(generated=generated, generated_len=generated_len, action=action, action_len=action_len,
                          source=source, nll=nll, nll_tokens=jnp.where(valid, real_len, 0),
-                         mean_field=carry.m, mean_field_len=carry.m_len)
+                         mean_field=carry.m, mean_field_len=carry.m_len, mean_field_out=new_m,
+                         mean_field_out_len=new_m_len, **dump)
         carry = self._update_buffers(carry, action, action_len, valid, sl(inputs.followers))
         carry = dataclasses.replace(carry, m=new_m, m_len=new_m_len)
         if self.on_step is not None:
             jax.debug.callback(self.on_step, k, nll, valid, source)
         return carry, ys
 
-    def _mean_field(self, mf_params, inputs, carry, action, action_len, valid, k):
+    def _mean_field(self, mf_params, inputs, mf_lines, prompt, prompt_len, k):
         r = self.rcfg
-        prompt, prompt_len = self.mean_field_prompt(inputs, carry, action, action_len, valid, k)
         keys = jax.vmap(lambda wk: jax.random.fold_in(jax.random.fold_in(wk, 1), k))(inputs.world_key)
         out = generate_tokens(mf_params, self.mf_cfg, r.mean_field, PR.left_pad(prompt, prompt_len), prompt_len,
-                              keys, stop_mask=self.mf_stop)
-        length = out.lengths - out.finished.astype(jnp.int32)
-        keep = (jnp.arange(r.mean_field_tokens)[None] < length[:, None]) & ~self.newline[out.tokens]
-        return PR.compact(out.tokens, keep, r.mean_field.pad_token_id)
+                              keys, stop_mask=jnp.asarray(self.mf_eos))
+        # SPEC: the decoded text stripped, line breaks removed — in token space.
+        return LN.clean(mf_lines, out.tokens, _text_length(out, self.mf_eos), r.mean_field.pad_token_id)
 
     def _update_buffers(self, carry: Carry, action, action_len, valid, followers) -> Carry:
         K = carry.recent.shape[1]
@@ -354,24 +403,24 @@ class Rollout:
     # ------------------------------------------------------------------------------------ the scan
     def initial_carry(self, W: int) -> Carry:
         r = self.rcfg
-        La, K, Wp = r.max_action_tokens, T.RECENT_K, T.POPULAR_WINDOW
+        La, K, Wp = r.action_width, T.RECENT_K, T.POPULAR_WINDOW
         z = lambda *s: jnp.zeros(s, jnp.int32)
-        return Carry(m=z(W, r.mean_field_tokens), m_len=z(W), recent=z(W, K, La), recent_len=z(W, K),
+        return Carry(m=z(W, self.mean_field_width), m_len=z(W), recent=z(W, K, La), recent_len=z(W, K),
                      recent_valid=jnp.zeros((W, K), bool), popular=z(W, Wp, La), popular_len=z(W, Wp),
                      popular_followers=z(W, Wp), popular_valid=jnp.zeros((W, Wp), bool))
 
-    def _rollout(self, policy_params, mf_params, inputs: RolloutInputs) -> tuple[StepOutputs, Carry]:
+    def _rollout(self, policy_params, mf_params, inputs: RolloutInputs, lines) -> tuple[StepOutputs, Carry]:
         W = inputs.agent_valid.shape[0]
-        body = lambda carry, k: self._step(policy_params, mf_params, inputs, carry, k)
+        body = lambda carry, k: self._step(policy_params, mf_params, inputs, lines, carry, k)
         final, ys = jax.lax.scan(body, self.initial_carry(W), jnp.arange(self.rcfg.num_steps))
         return ys, final
 
     def run(self, policy_params, mf_params, inputs: RolloutInputs) -> tuple[StepOutputs, Carry]:
         """Runs every step for every world in ``inputs``: one compiled program, one call."""
         if self.mesh is None:
-            return self._jitted(policy_params, mf_params, inputs)
+            return self._jitted(policy_params, mf_params, inputs, self.lines)
         with sharding.use_mesh(self.mesh):
-            return self._jitted(policy_params, mf_params, inputs)
+            return self._jitted(policy_params, mf_params, inputs, self.lines)
 
     def compile_count(self) -> int:
         """How many programs the rollout has compiled so far (one per distinct input shape)."""
