@@ -406,8 +406,8 @@ def test_fixture_events():
     rumdect, = assets.read_fixture_events("rumdect_sample.jsonl")
     assert rumdect.num_agents == 39 and all(a.has_profile for a in rumdect.agents)
     assert all(a.uid.startswith("u") for a in rumdect.agents)
-    tweets, = assets.read_fixture_events("twitter_sample.jsonl")
-    assert tweets.language == "en" and tweets.num_agents == 32
+    tweets = assets.read_fixture_events("twitter_sample.jsonl")
+    assert [e.language for e in tweets] == ["en", "en"] and all(e.num_agents == 64 for e in tweets)
     with pytest.raises(ValueError, match="unknown fixture"):
         assets.events_path("nope.jsonl")
 
@@ -461,3 +461,25 @@ def test_tfds_builder_array_record_round_trip(tmp_path):
     train_ids = sorted(tfds_weibo.event_from_example(source["train"][i]).event_id
                        for i in range(2))
     assert train_ids == ["111", "112"]
+
+
+# ---------------------------------------------------------------- single-event .json files
+
+
+def test_single_event_json_files(tmp_path):
+    from mfjax.data.sources import detect_format, iter_events
+
+    rumdect = _tiny_rumdect(tmp_path / "r", "555", 3)
+    generic = _write_json(tmp_path / "generic.json", jsonl.event_to_dict(assets.read_fixture_events("ced_sample.jsonl")[0]))
+    tweets = _write_json(tmp_path / "tweets.json", {"100": ["11:18 AM - 20 Oct 2015", "A rumour"],
+                                                    "101": ["11:20 AM - 20 Oct 2015", "Is it true?"]})
+    assert detect_format(rumdect) == detect_format(generic) == "json"
+    (event,) = iter_events(rumdect)
+    assert event.event_id == "555" and event.num_agents == 3
+    (event,) = iter_events(generic)
+    assert event.num_agents == 64
+    (event,) = iter_events(tweets)
+    assert event.language == "en" and [a.action for a in event.agents] == ["Is it true?"]
+    bad = _write_json(tmp_path / "bad.json", {"hello": 1})
+    with pytest.raises(EventDataError, match="bad.json: not a single event"):
+        list(iter_events(bad))

@@ -7,7 +7,8 @@ reads (`--data` defaults to `<repository>/../shared/data`):
   `CED_AGENTS` reactions in time order;
 - `<data>/weibo/test/<RUMDECT_EVENT>.json`: cut to its first `RUMDECT_AGENTS` responders in time
   order (with the source post, the file's first 40 records);
-- `<data>/twitter/events/<TWITTER_EVENT>.json`: cut to its first `TWITTER_AGENTS` tweets.
+- `<data>/twitter/events/<TWITTER_EVENTS>.json`: each cut to its first `TWITTER_AGENTS` tweets (the
+  English demo: rumours with varied reactions, not only copies of a headline).
 
 Personal data is stripped: user ids become per-event pseudonyms ("u1", "u2", ... by first
 appearance; unknown ids stay ""), @mentions inside texts (rumdect repost chains carry screen
@@ -28,8 +29,8 @@ from mfjax.data.events import Event, select_agents
 CED_AGENTS = 64
 RUMDECT_EVENT = "3476055656644087"
 RUMDECT_AGENTS = 39
-TWITTER_EVENT = "E274"
-TWITTER_AGENTS = 32
+TWITTER_EVENTS = ("PlaxicoBurress", "SarahJessicaSurrogate")
+TWITTER_AGENTS = 64
 
 _OUT_DIR = Path(__file__).resolve().parent / "events"
 _REPO = Path(__file__).resolve().parents[2]
@@ -80,8 +81,8 @@ def main(argv=None) -> None:
     event = weibo.read_rumdect_event(data / "weibo" / "test" / f"{RUMDECT_EVENT}.json")
     jsonl.write_jsonl([anonymize(event, RUMDECT_AGENTS)], _OUT_DIR / "rumdect_sample.jsonl")
 
-    event, _ = twitter.read_twitter_event(data / "twitter" / "events" / f"{TWITTER_EVENT}.json")
-    jsonl.write_jsonl([anonymize(event, TWITTER_AGENTS)], _OUT_DIR / "twitter_sample.jsonl")
+    tweets = [twitter.read_twitter_event(data / "twitter" / "events" / f"{name}.json")[0] for name in TWITTER_EVENTS]
+    jsonl.write_jsonl([anonymize(e, TWITTER_AGENTS) for e in tweets], _OUT_DIR / "twitter_sample.jsonl")
 
     for path in sorted(_OUT_DIR.glob("*.jsonl")):
         print(f"{path.name}: {path.stat().st_size} bytes")

@@ -106,6 +106,11 @@ class Tokenizer:
                 [{"role": "user", "content": f"{system}\n\n{user_text}"}], tokenize=False, add_generation_prompt=True
             )
 
+    @property
+    def generation_config(self) -> dict:
+        """The checkpoint's ``generation_config.json`` (empty when it has none)."""
+        return dict(self._generation_config)
+
     # ------------------------------------------------------------------------------------ special ids
     @property
     def eos_token_ids(self) -> tuple[int, ...]:
