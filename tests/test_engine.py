@@ -349,6 +349,30 @@ def test_text_api_compiles_once_per_bucket(tiny_engine):
     assert generate_tokens_jit._cache_size() == size + 1
 
 
+def test_text_api_refuses_bad_input(tiny_engine):
+    """Out-of-vocabulary ids (NaN embeddings, or a silent wrap-around for negative ids), empty prompts or
+    continuations, and mismatched lists are refused with an error naming the argument."""
+    engine = tiny_engine
+    vocab = engine.cfg.vocab_size
+    gcfg = GenerateConfig(max_new_tokens=2, pad_token_id=engine.tokenizer.pad_token_id)
+    with pytest.raises(ValueError, match=rf"prompts\[1\] holds token id {vocab} outside"):
+        engine.generate_ids([[3, 4], [5, vocab]], gcfg=gcfg)
+    with pytest.raises(ValueError, match=r"prompts\[0\] holds token id -1"):
+        engine.generate_ids([[-1, 4]], gcfg=gcfg)
+    with pytest.raises(ValueError, match=r"prefix\[0\] holds token id"):
+        engine.generate_ids([[3]], prefix=[vocab + 5], gcfg=gcfg)
+    with pytest.raises(ValueError, match=r"prompts\[0\] is empty"):
+        engine.generate_ids([[]], gcfg=gcfg)
+    with pytest.raises(ValueError, match=r"prompts\[1\] is empty"):
+        engine.generate(["a rumour", ""], max_new_tokens=2)
+    with pytest.raises(ValueError, match=r"continuations\[0\] is empty"):
+        engine.score(["a rumour"], [""])
+    with pytest.raises(ValueError, match="prompts has 2 texts but continuations has 1"):
+        engine.score(["a rumour", "another"], ["doubt"])
+    with pytest.raises(ValueError, match="prompts must be a list of strings"):
+        engine.score("a rumour", ["doubt"])
+
+
 def test_text_api_sampling_seeds(tiny_engine):
     prompts = ["The mean field", "大家都在讨论"]
     kw = dict(max_new_tokens=8, min_new_tokens=8, sampling=POLICY)

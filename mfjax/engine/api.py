@@ -40,9 +40,27 @@ class Engine:
             texts = [self.tokenizer.apply_chat_template(t) for t in texts]
         return [self.tokenizer.encode(t) for t in texts]
 
+    def _check_ids(self, name: str, rows: Sequence[Sequence[int]], *, allow_empty: bool = False) -> None:
+        """Token rows must be non-empty lists of ids in [0, vocab): anything else is a ValueError naming
+        the argument and row (an id >= vocab would read NaN embeddings, a negative one would wrap around)."""
+        if isinstance(rows, (str, bytes)) or not hasattr(rows, "__len__"):
+            raise ValueError(f"{name} must be a list of token-id lists, got {type(rows).__name__}")
+        if not len(rows):
+            raise ValueError(f"{name} is empty")
+        vocab = self.cfg.vocab_size
+        for i, row in enumerate(rows):
+            if not allow_empty and len(row) == 0:
+                raise ValueError(f"{name}[{i}] is empty: every row needs at least one token")
+            bad = [int(t) for t in row if not 0 <= int(t) < vocab]
+            if bad:
+                raise ValueError(f"{name}[{i}] holds token id {bad[0]} outside the vocabulary [0, {vocab})")
+
     def generate_ids(self, prompts: Sequence[Sequence[int]], *, prefix: Sequence[int] | None = None,
                      gcfg: GenerateConfig, seed: int = 0) -> list[list[int]]:
         """Token-level generation; returns each row's new tokens up to and including its stop token."""
+        self._check_ids("prompts", prompts)
+        if prefix is not None:
+            self._check_ids("prefix", [prefix])
         suffix, lens = pad_rows(prompts, bucket_length(max(len(p) for p in prompts), self.buckets),
                                 gcfg.pad_token_id, left=True)
         pre = None
@@ -64,6 +82,7 @@ class Engine:
         """
         if not prompts:
             return []
+        _check_texts("prompts", prompts)
         tok = self.tokenizer
         gcfg = GenerateConfig(
             max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
@@ -82,13 +101,30 @@ class Engine:
 
     def score(self, prompts: Sequence[str], continuations: Sequence[str]) -> np.ndarray:
         """Summed log-probability of each continuation given its prompt (float64 [B])."""
+        _check_texts("prompts", prompts)
+        _check_texts("continuations", continuations)
+        if len(prompts) != len(continuations):
+            raise ValueError(f"prompts has {len(prompts)} texts but continuations has {len(continuations)}")
         tok = self.tokenizer
         p_ids = [tok.encode(p) for p in prompts]
         c_ids = [tok.encode(c) for c in continuations]
+        self._check_ids("prompts", p_ids)
+        self._check_ids("continuations", c_ids)
         prompt, plens = pad_rows(p_ids, bucket_length(max(map(len, p_ids)), self.buckets), tok.pad_token_id, left=True)
         target, tlens = pad_rows(c_ids, bucket_length(max(map(len, c_ids)), self.buckets), tok.pad_token_id, left=False)
         logprobs = score_tokens_jit(self.params, self.cfg, prompt, plens, target, tlens, attn_impl=self.attn_impl)
         return np.asarray(logprobs, np.float64).sum(axis=1)
+
+
+def _check_texts(name: str, texts) -> None:
+    """A list of non-empty strings, or a ValueError naming the argument and the item."""
+    if isinstance(texts, (str, bytes)):
+        raise ValueError(f"{name} must be a list of strings, not one string")
+    for i, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise ValueError(f"{name}[{i}] is a {type(text).__name__}, not a string")
+        if not text:
+            raise ValueError(f"{name}[{i}] is empty")
 
 
 def default_attn_impl() -> str:
