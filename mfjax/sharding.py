@@ -1,16 +1,20 @@
 """Device meshes and logical-axis sharding.
 
-Arrays name their dimensions with logical axes ('batch', 'embed', 'q_heads', ...); a rules table maps
-each to a mesh axis ('data', 'fsdp', 'model') or to nothing (replicated). Parameter shardings derive from
-:func:`mfjax.models.params.param_specs`; activations are pinned inside jit with :func:`constrain`, which
-is a no-op outside :func:`use_mesh` so the same code runs unsharded.
+Arrays name their dimensions with logical axes ('batch', 'embed', 'q_heads', 'cache_seq', ...); a rules
+table maps each to mesh axes ('data', 'fsdp', 'model') or to nothing (replicated). Parameters, activations
+and KV caches read the same table.
+
+Inside jit, :func:`constrain` pins an activation to the mesh of an explicit :class:`MeshRules` (a hashable
+static argument of the jitted function) or, when none is given, to the mesh set with JAX's own
+``jax.set_mesh`` context (:func:`use_mesh`) — both are part of the jit cache key, so whether a program is
+sharded never depends on which call traced it first. Without either it is the identity, and the same code
+runs unsharded.
 """
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
-from typing import Any, Mapping, Sequence
+import dataclasses
+from typing import Mapping, Optional, Sequence, Union
 
 import jax
 import numpy as np
@@ -18,21 +22,33 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "model")
 
-# Logical axis -> mesh axes (a tuple shards one dimension over several mesh axes).
-DEFAULT_RULES: dict[str, tuple[str, ...] | None] = {
-    "batch": ("data", "fsdp"),
-    "seq": None,
-    "embed": ("fsdp",),
-    "vocab": ("model",),
-    "q_heads": ("model",),
-    "kv_heads": ("model",),
-    "head_dim": None,
-    "mlp": ("model",),
-    "layers": None,
-    "cache_seq": None,
-}
+# Logical axis -> mesh axes (a tuple shards one dimension over several mesh axes), as hashable pairs.
+Rules = tuple[tuple[str, Optional[tuple[str, ...]]], ...]
+DEFAULT_RULES: Rules = (
+    ("batch", ("data", "fsdp")),
+    ("seq", None),
+    ("embed", ("fsdp",)),
+    ("vocab", ("model",)),
+    ("q_heads", ("model",)),
+    ("kv_heads", ("model",)),
+    ("head_dim", None),
+    ("mlp", ("model",)),
+    ("layers", None),
+    ("cache_batch", ("data", "fsdp")),
+    ("cache_seq", None),
+    ("cache_heads", ("model",)),
+    ("lora_rank", None),
+)
 
-_ACTIVE: contextvars.ContextVar[tuple[Mesh, Mapping] | None] = contextvars.ContextVar("mfjax_mesh", default=None)
+
+def rules_table(rules: Union[Rules, Mapping, None] = None) -> dict:
+    """The rules as a dict (DEFAULT_RULES when None)."""
+    return dict(DEFAULT_RULES if rules is None else (rules.items() if isinstance(rules, Mapping) else rules))
+
+
+def as_rules(rules: Union[Rules, Mapping, None]) -> Rules:
+    """Rules in their hashable form (pairs), for static arguments."""
+    return tuple(sorted(rules_table(rules).items(), key=lambda kv: kv[0]))
 
 
 def make_mesh(shape: Mapping[str, int] | Sequence[int] | None = None, devices=None) -> Mesh:
@@ -62,7 +78,8 @@ def make_mesh(shape: Mapping[str, int] | Sequence[int] | None = None, devices=No
     if needed > devices.size:
         raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {needed} devices, have {devices.size}")
     # A smaller mesh runs on the first devices (e.g. data=1 on a multi-device host).
-    return Mesh(devices.reshape(-1)[:needed].reshape(sizes), MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
+    return Mesh(devices.reshape(-1)[:needed].reshape(sizes), MESH_AXES,
+                axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
 
 
 def parse_mesh_flag(text: str) -> dict[str, int]:
@@ -72,19 +89,27 @@ def parse_mesh_flag(text: str) -> dict[str, int]:
         name, _, size = part.partition("=")
         if not size:
             raise ValueError(f"mesh flag {text!r}: expected name=size pairs like data=2,model=4")
-        out[name.strip()] = int(size)
+        try:
+            out[name.strip()] = int(size)
+        except ValueError:
+            raise ValueError(f"mesh flag {text!r}: {size!r} is not an integer") from None
     return out
 
 
-def logical_to_spec(axes: Sequence[str | None], mesh: Mesh, shape: Sequence[int] | None = None,
-                    rules: Mapping[str, Any] | None = None) -> PartitionSpec:
+def data_parallel_size(mesh: Mesh) -> int:
+    """How many ways the 'batch' axis splits on ``mesh``."""
+    return int(mesh.shape["data"] * mesh.shape["fsdp"])
+
+
+def logical_to_spec(axes: Sequence[str | None], mesh, shape: Sequence[int] | None = None,
+                    rules: Union[Rules, Mapping, None] = None) -> PartitionSpec:
     """PartitionSpec for logical ``axes``. A dimension that the mesh axes do not divide is replicated
     (e.g. 2 kv-heads on a 4-way model axis), and each mesh axis is used at most once."""
-    rules = DEFAULT_RULES if rules is None else rules
+    table = rules_table(rules)
     used: set[str] = set()
     spec = []
     for i, name in enumerate(axes):
-        mesh_axes = tuple(a for a in (rules.get(name) or ()) if a in mesh.shape and mesh.shape[a] > 1 and a not in used)
+        mesh_axes = tuple(a for a in (table.get(name) or ()) if a in mesh.shape and mesh.shape[a] > 1 and a not in used)
         size = int(np.prod([mesh.shape[a] for a in mesh_axes])) if mesh_axes else 1
         if not mesh_axes or (shape is not None and shape[i] % size):
             spec.append(None)
@@ -99,45 +124,40 @@ def named_sharding(axes, mesh: Mesh, shape=None, rules=None) -> NamedSharding:
     return NamedSharding(mesh, logical_to_spec(axes, mesh, shape, rules))
 
 
-def param_shardings(cfg, mesh: Mesh, rules=None, layers_unstacked: bool = False) -> Any:
-    """Tree of NamedSharding matching the parameter tree of ``cfg``."""
-    from mfjax.models.params import map_specs, param_specs
+@dataclasses.dataclass(frozen=True)
+class MeshRules:
+    """A mesh with its logical-axis rules: hashable, so jitted functions take it as a static argument."""
 
-    specs = param_specs(cfg)
-    shardings = map_specs(lambda s: named_sharding(s.axes, mesh, s.shape, rules), specs)
-    if layers_unstacked:
-        per_layer = map_specs(
-            lambda s: named_sharding(s.axes[1:], mesh, s.shape[1:], rules), specs["layers"])
-        shardings = {**shardings, "layers": [per_layer] * cfg.num_layers}
-    return shardings
+    mesh: Mesh
+    rules: Rules = DEFAULT_RULES
 
+    def __post_init__(self):
+        object.__setattr__(self, "rules", as_rules(self.rules))
 
-@contextlib.contextmanager
-def use_mesh(mesh: Mesh, rules: Mapping[str, Any] | None = None):
-    """Within this context, :func:`constrain` pins activations to ``mesh`` by the logical rules."""
-    token = _ACTIVE.set((mesh, DEFAULT_RULES if rules is None else rules))
-    try:
-        yield mesh
-    finally:
-        _ACTIVE.reset(token)
+    def spec(self, axes, shape=None) -> PartitionSpec:
+        return logical_to_spec(axes, self.mesh, shape, self.rules)
+
+    def sharding(self, axes, shape=None) -> NamedSharding:
+        return NamedSharding(self.mesh, self.spec(axes, shape))
 
 
-def active_mesh() -> Mesh | None:
-    """The mesh set by :func:`use_mesh`, or None."""
-    active = _ACTIVE.get()
-    return None if active is None else active[0]
+def _context_mesh():
+    """The mesh set with JAX's own context (``jax.set_mesh``), or None."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return None if mesh is None or mesh.empty else mesh
 
 
-def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
-    """``with_sharding_constraint`` by logical axes when a mesh is active; identity otherwise."""
-    active = _ACTIVE.get()
-    if active is None:
+def constrain(x: jax.Array, axes: Sequence[str | None], plan: MeshRules | None = None) -> jax.Array:
+    """``with_sharding_constraint`` by logical axes on ``plan``'s mesh, else on JAX's context mesh (default
+    rules); the identity when there is neither."""
+    if plan is not None:
+        return jax.lax.with_sharding_constraint(x, plan.sharding(axes, x.shape))
+    mesh = _context_mesh()
+    if mesh is None:
         return x
-    mesh, rules = active
-    return jax.lax.with_sharding_constraint(x, named_sharding(axes, mesh, x.shape, rules))
+    return jax.lax.with_sharding_constraint(x, logical_to_spec(axes, mesh, x.shape))
 
 
-def shard_batch(x: Any, mesh: Mesh, axes=("batch",)) -> Any:
-    """Places arrays with a leading batch dimension onto ``mesh`` (other dims replicated)."""
-    return jax.tree.map(lambda a: jax.device_put(a, named_sharding(tuple(axes) + (None,) * (a.ndim - len(axes)),
-                                                                    mesh, a.shape)), x)
+def use_mesh(mesh: Mesh):
+    """JAX's own mesh context (part of the jit cache key): ``with sharding.use_mesh(mesh): ...``."""
+    return jax.set_mesh(mesh)

@@ -1,5 +1,7 @@
 """Orbax checkpoints of parameter trees: bit-exact round trips, dtype casts, sharded restores."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,7 +10,7 @@ import pytest
 from hf_fixtures import TINY
 from mfjax.config import ModelConfig
 from mfjax.io import checkpoint
-from mfjax.models.params import map_specs, param_specs, unstack_layers
+from mfjax.models.weights import map_specs, weight_specs
 
 P = jax.sharding.PartitionSpec
 
@@ -20,7 +22,7 @@ def tiny_cfg(model_type="qwen2", **extra) -> ModelConfig:
 def random_params(cfg, dtype, seed=0):
     """Random everywhere, norms and biases included; numpy draws (no per-shape XLA compiles)."""
     rng = np.random.default_rng(seed)
-    return map_specs(lambda s: jnp.asarray((0.1 * rng.standard_normal(s.shape)).astype(jnp.dtype(dtype))), param_specs(cfg))
+    return map_specs(lambda s: jnp.asarray((0.1 * rng.standard_normal(s.shape)).astype(jnp.dtype(dtype))), weight_specs(cfg))
 
 
 def _bits(a):
@@ -47,12 +49,12 @@ def test_round_trip_is_bit_exact(tmp_path, dtype, model_type):
     assert_bit_equal(restored, params)
 
 
-def test_steps_metadata_and_unstacked_input(tmp_path):
+def test_steps_and_metadata(tmp_path):
     cfg = tiny_cfg("llama", tie_word_embeddings=True)
     first, second = random_params(cfg, jnp.float32), random_params(cfg, jnp.bfloat16, seed=1)
     path = tmp_path / "ckpt"
     checkpoint.save_checkpoint(path, first, cfg, step=1, metadata={"generation_config": {"eos_token_id": [2, 7]}})
-    checkpoint.save_checkpoint(path, unstack_layers(second), cfg, step=5)  # stored stacked
+    checkpoint.save_checkpoint(path, second, cfg, step=5)
     assert checkpoint.latest_step(path) == 5
     assert_bit_equal(checkpoint.restore_checkpoint(path)[1], second)
     assert_bit_equal(checkpoint.restore_checkpoint(path, step=1)[1], first)
@@ -82,22 +84,21 @@ def test_restore_onto_8_device_mesh(tmp_path):
 
     replicated = jax.sharding.NamedSharding(mesh, P())
     shardings = jax.tree.map(lambda _: replicated, params)
-    shardings["embed"] = jax.sharding.NamedSharding(mesh, P(None, "model"))  # [V, D/4]
-    shardings["layers"]["q"] = jax.sharding.NamedSharding(mesh, P(None, "data", "model", None))  # [L, D/2, N/4, H]
+    shardings.embed = jax.sharding.NamedSharding(mesh, P(None, "model"))  # [V, D/4]
+    shardings.layers.q = jax.sharding.NamedSharding(mesh, P(None, "data", "model", None))  # [L, D/2, N/4, H]
     _, restored = checkpoint.restore_checkpoint(tmp_path / "ckpt", shardings=shardings)
 
-    assert restored["embed"].sharding == shardings["embed"]
-    assert restored["embed"].addressable_shards[0].data.shape == (TINY["vocab_size"], TINY["hidden_size"] // 4)
-    assert restored["layers"]["q"].sharding == shardings["layers"]["q"]
-    assert restored["layers"]["q"].addressable_shards[0].data.shape == (3, 32, 1, 16)
-    assert restored["final_norm"].sharding == replicated
+    assert restored.embed.sharding == shardings.embed
+    assert restored.embed.addressable_shards[0].data.shape == (TINY["vocab_size"], TINY["hidden_size"] // 4)
+    assert restored.layers.q.sharding == shardings.layers.q
+    assert restored.layers.q.addressable_shards[0].data.shape == (3, 32, 1, 16)
+    assert restored.final_norm.sharding == replicated
     assert_bit_equal(restored, params)
 
 
 def test_restore_refuses_a_tree_that_does_not_match_its_config(tmp_path):
     cfg = tiny_cfg()
-    params = random_params(cfg, jnp.float32)
-    del params["lm_head"]  # as if saved from a tied model under an untied config
+    params = dataclasses.replace(random_params(cfg, jnp.float32), lm_head=None)  # a tied model's, untied config
     checkpoint.save_checkpoint(tmp_path / "ckpt", params, cfg)
     with pytest.raises(ValueError, match=r"missing \['lm_head'\]"):
         checkpoint.restore_checkpoint(tmp_path / "ckpt")

@@ -22,17 +22,18 @@ import torch
 
 from hf_fixtures import TINY_CASES, make_tiny_hf_model, make_tiny_tokenizer, randomize_
 from mfjax.engine import api
-from mfjax.engine.generate import (GenerateConfig, generate_tokens, generate_tokens_jit, pad_rows,
-                                   prefill_prefix_jit, step_logits)
+from mfjax.engine.generate import GenerateConfig, generate_tokens, generate_tokens_jit, prefill_prefix_jit
+from mfjax.engine.host import pad_rows_host
+from mfjax.sim import presets
 from mfjax.engine.sampling import SamplingConfig, row_keys
 from mfjax.engine.score import score_tokens_jit
-from mfjax.io.hf import load_hf
+from mfjax.io.hf import load_hf, load_model
 from mfjax.models import decoder
-from mfjax.models.params import unstack_layers
+from mfjax.models.kvcache import DecodeCache, left_padded_positions
 
 CASES = sorted(TINY_CASES)
 GREEDY = SamplingConfig(temperature=None)
-POLICY = SamplingConfig.policy()  # T=0.8, top-p 0.85, top-k 50, repetition penalty 1.2
+POLICY = presets.resolve(presets.PAPER["policy"])  # T=0.8, top-p 0.85, top-k 50, repetition penalty 1.2
 PAD = 0
 M = 12  # new tokens in the parity tests; with the prompts below, longer than the sliding window (4)
 
@@ -42,7 +43,30 @@ PROMPTS = [[5, 17, 33, 9, 71, 40, 12, 8, 99], [3, 44, 61], [80, 7, 19, 27, 50, 6
 PREFIXES = [[11, 23, 35, 47, 59], [60, 72, 84, 96, 108, 120, 13]]
 SUFFIXES = [[21, 22, 23], [31, 32, 33, 34, 35, 36], [41], [51, 52, 53, 54]]
 
-_step_logits_jit = jax.jit(step_logits, static_argnames=("cfg", "gcfg"))
+def pad_rows(rows, width, pad_id, left):
+    tokens, lengths = pad_rows_host(rows, width, pad_id, left=left)
+    return jnp.asarray(tokens), jnp.asarray(lengths)
+
+
+def step_logits(weights, cfg, suffix, suffix_lens, prefix, forced):
+    """Logits [B, M, V] the decode path sees before each of ``forced`` [B, M]: the engine's prefill, decode
+    cache and unrolled decode steps, teacher forced."""
+    B, Ts = suffix.shape
+    M = forced.shape[1]
+    offset = jnp.zeros((B,), jnp.int32) if prefix is None else jnp.repeat(prefix.lengths, B // prefix.groups)
+    hidden, kv = decoder.forward(weights, cfg, suffix, left_padded_positions(suffix_lens, Ts, offset), prefix=prefix,
+                                 keep_kv=True)
+    cache = DecodeCache.from_prefill(kv, keep=Ts, room=M)
+    view, prefix_view = decoder.decode_view(weights), None if prefix is None else prefix.per_layer()
+    out = [decoder.logits(weights, cfg, hidden[:, -1])]
+    for t in range(M - 1):
+        hidden, cache = decoder.decode_step(view, cfg, forced[:, t:t + 1], (offset + suffix_lens + t)[:, None], cache,
+                                            Ts + t, prefix=prefix_view)
+        out.append(decoder.logits(weights, cfg, hidden[:, 0]))
+    return jnp.stack(out, axis=1)
+
+
+_step_logits_jit = jax.jit(step_logits, static_argnames=("cfg",))
 _forward_logits_jit = jax.jit(decoder.forward_logits, static_argnames=("cfg",))
 
 
@@ -59,7 +83,7 @@ def _one_torch_thread():
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    """name -> (cfg, unstacked params, torch model) for every tiny family, loaded through ``load_hf``.
+    """name -> (cfg, weights, torch model) for every tiny family, loaded through ``load_hf``.
 
     Weights are larger than the fixture default (std 0.3 instead of 0.1), so greedy decoding of a random
     model does not collapse onto one repeated token, which would make token parity a weak check. Gemma
@@ -76,7 +100,7 @@ def tiny(tmp_path_factory):
                 model.model.embed_tokens.weight.mul_(0.02 / 0.3)
         model.save_pretrained(model_dir)
         cfg, params = load_hf(model_dir)
-        out[name] = (cfg, unstack_layers(params), model)
+        out[name] = (cfg, params, model)
     return out
 
 
@@ -186,7 +210,7 @@ def test_cached_decode_logits_equal_full_forward(tiny, name, with_prefix):
     B = len(rows)
     forced = rng.integers(3, cfg.vocab_size, size=(B, steps)).astype(np.int32)
     suffix, lens = pad_rows(rows, 16, PAD, left=True)
-    got = _step_logits_jit(params, cfg, _gcfg(), suffix, lens, prefix, jnp.asarray(forced))  # [B, steps, V]
+    got = _step_logits_jit(params, cfg, suffix, lens, prefix, jnp.asarray(forced))  # [B, steps, V]
 
     # The reference: one full forward over prompt + forced tokens, left-padded; every row then has its
     # last prompt token at the same slot W - steps - 1.
@@ -267,16 +291,15 @@ def test_sampling_is_reproducible_and_row_independent(tiny):
 
 
 # ------------------------------------------------------------------------------------ stop handling
-def _counting_forward(counter):
-    """decoder.forward that counts, at run time, every single-token (decode) call it makes."""
-    original = decoder.forward
+def _counting_decode_step(counter):
+    """decoder.decode_step that counts, at run time, every call it makes."""
+    original = decoder.decode_step
 
-    def forward(params, cfg, tokens, positions, **kw):
-        if tokens.shape[1] == 1:
-            jax.debug.callback(lambda: counter.append(1))
-        return original(params, cfg, tokens, positions, **kw)
+    def decode_step(*args, **kw):
+        jax.debug.callback(lambda: counter.append(1))
+        return original(*args, **kw)
 
-    return forward
+    return decode_step
 
 
 @pytest.mark.parametrize("early_stop", [True, False])
@@ -286,7 +309,7 @@ def test_stop_lengths_and_early_exit(tiny, monkeypatch, early_stop):
     the control that shows the counter counts loop iterations, not traces."""
     cfg, params, _ = tiny["qwen2"]
     counter = []
-    monkeypatch.setattr(decoder, "forward", _counting_forward(counter))
+    monkeypatch.setattr(decoder, "decode_step", _counting_decode_step(counter))
     gcfg = _gcfg(early_stop=early_stop)
     suffix, lens = pad_rows(PROMPTS, 16, PAD, left=True)
     # A fresh function object, so this trace (with the counting forward) is not a jit cache hit.
@@ -386,10 +409,9 @@ def test_text_api_matches_transformers_on_smollm2(smollm2_dir):
     import transformers
 
     from mfjax.io.tokenizer import Tokenizer
-    from mfjax.models.module import CausalLM
 
     tok = Tokenizer.from_dir(smollm2_dir)
-    model = CausalLM.from_hf(smollm2_dir)
+    model = load_model(smollm2_dir)
     hf = transformers.AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
     prompt = "Write one sentence about the weather today."
     for chat in (False, True):

@@ -16,7 +16,7 @@ from safetensors.numpy import load_file, save_file
 
 from hf_fixtures import TINY_CASES, make_tiny_hf_model, make_tiny_tokenizer
 from mfjax.io import hf, smollm2
-from mfjax.models.params import unstack_layers
+import dataclasses
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CASES = sorted(TINY_CASES)
@@ -69,6 +69,8 @@ def expected_params(model) -> dict:
 
 
 def _assert_trees_equal(got, want):
+    got = got.to_tree() if hasattr(got, "to_tree") else got
+    want = want.to_tree() if hasattr(want, "to_tree") else want
     assert jax.tree.structure(got) == jax.tree.structure(want)
     for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(got)[0], jax.tree.leaves(want)):
         np.testing.assert_array_equal(np.asarray(a), b, err_msg=jax.tree_util.keystr(path))
@@ -109,16 +111,14 @@ def test_export_reloads_in_transformers(tiny, case, tmp_path):
     np.testing.assert_allclose(_logits(reloaded, IDS), _logits(model, IDS), rtol=0, atol=1e-5)
 
 
-def test_unstacked_params_export_the_same(tiny, tmp_path):
+def test_save_refuses_weights_that_do_not_fit_the_config(tiny, tmp_path):
     model_dir, _ = tiny["gemma2"]
-    cfg, params = hf.load_hf(model_dir)
-    hf.save_hf(tmp_path / "stacked", cfg, params)
-    hf.save_hf(tmp_path / "unstacked", cfg, unstack_layers(params))
-    a = load_file(tmp_path / "stacked" / "model.safetensors")
-    b = load_file(tmp_path / "unstacked" / "model.safetensors")
-    assert a.keys() == b.keys()
-    for key in a:
-        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+    cfg, weights = hf.load_hf(model_dir)
+    wrong = dataclasses.replace(weights, layers=dataclasses.replace(weights.layers, q=weights.layers.q[:2]))
+    with pytest.raises(ValueError, match=r"param layers/q has shape \[2, "):
+        hf.save_hf(tmp_path / "bad", cfg, wrong)
+    with pytest.raises(TypeError, match="Weights"):
+        hf.save_hf(tmp_path / "bad", cfg, weights.to_tree())
 
 
 def test_sharded_export_reloads(tiny, tmp_path):
@@ -167,7 +167,7 @@ def test_cast_on_load_and_save(tiny, tmp_path):
     cfg, params = hf.load_hf(model_dir, dtype=jnp.bfloat16)
     assert {a.dtype for a in jax.tree.leaves(params)} == {jnp.dtype(jnp.bfloat16)}
     np.testing.assert_array_equal(
-        np.asarray(params["embed"]), model.state_dict()["model.embed_tokens.weight"].to(torch.bfloat16).float().numpy()
+        np.asarray(params.embed), model.state_dict()["model.embed_tokens.weight"].to(torch.bfloat16).float().numpy()
     )
     _, params32 = hf.load_hf(model_dir)
     out = hf.save_hf(tmp_path / "cast", cfg, params32, dtype=jnp.bfloat16)
@@ -182,12 +182,12 @@ def test_load_onto_shardings(tiny):
     cfg, ref = hf.load_hf(model_dir)
     replicated = jax.sharding.NamedSharding(mesh, P())
     shardings = jax.tree.map(lambda _: replicated, ref)
-    shardings["embed"] = jax.sharding.NamedSharding(mesh, P(None, "model"))
-    shardings["layers"]["q"] = jax.sharding.NamedSharding(mesh, P(None, None, "model", None))
+    shardings.embed = jax.sharding.NamedSharding(mesh, P(None, "model"))
+    shardings.layers.q = jax.sharding.NamedSharding(mesh, P(None, None, "model", None))
     _, params = hf.load_hf(model_dir, shardings=shardings)
-    assert params["embed"].sharding == shardings["embed"]
-    assert params["layers"]["q"].sharding == shardings["layers"]["q"]
-    assert len(params["embed"].addressable_shards) == 8
+    assert params.embed.sharding == shardings.embed
+    assert params.layers.q.sharding == shardings.layers.q
+    assert len(params.embed.addressable_shards) == 8
     _assert_trees_equal(params, jax.tree.map(np.asarray, ref))
 
 
@@ -289,11 +289,11 @@ def test_import_export_launchers_reproduce_every_tensor(tiny, tmp_path):
 def test_smollm2_loads_and_reloads(smollm2_dir):
     cfg, params = hf.load_hf(smollm2_dir)
     assert (cfg.model_type, cfg.num_layers, cfg.hidden_size, cfg.vocab_size) == ("llama", 30, 576, 49152)
-    assert cfg.tie_word_embeddings and "lm_head" not in params
+    assert cfg.tie_word_embeddings and params.lm_head is None
     with safe_open(os.path.join(smollm2_dir, "model.safetensors"), framework="numpy") as stored:
-        np.testing.assert_array_equal(np.asarray(params["embed"]), stored.get_tensor("model.embed_tokens.weight"))
+        np.testing.assert_array_equal(np.asarray(params.embed), stored.get_tensor("model.embed_tokens.weight"))
         np.testing.assert_array_equal(
-            np.asarray(params["layers"]["down"][29]), stored.get_tensor("model.layers.29.mlp.down_proj.weight").T
+            np.asarray(params.layers.down[29]), stored.get_tensor("model.layers.29.mlp.down_proj.weight").T
         )
     model, info = transformers.AutoModelForCausalLM.from_pretrained(smollm2_dir, output_loading_info=True)
     assert not (info["missing_keys"] or info["unexpected_keys"]), info

@@ -10,6 +10,7 @@ the export round trip (bit-identical weights, same torch kernels). Never loosene
 """
 
 import copy
+import functools
 import json
 import os
 import types
@@ -24,10 +25,9 @@ from safetensors.numpy import load_file
 
 from hf_fixtures import TINY_CASES, hf_logits as _hf_logits, make_tiny_hf_model, tiny_hf_config
 from mfjax.config import UnsupportedConfigError
-from mfjax.io.hf import load_hf, save_hf
+from mfjax.io.hf import load_hf, load_model, save_hf
 from mfjax.models import decoder
-from mfjax.models.module import CausalLM
-from mfjax.models.params import unstack_layers
+from mfjax.models.kvcache import DecodeCache, KV, padded_positions
 
 CASES = sorted(TINY_CASES)
 
@@ -126,10 +126,22 @@ def test_case_exercises_its_features(case):
     assert np.abs(unmasked - case.jax)[real].max() > 5 * HF_TOL["atol"]
 
 
-def test_unstacked_layers_match(case):
-    params = unstack_layers(case.params)
-    assert isinstance(params["layers"], list) and len(params["layers"]) == case.cfg.num_layers
-    got = _forward(params, case.cfg, case.tokens, case.mask)
+@functools.partial(jax.jit, static_argnames="cfg")
+def _decode_path_logits(weights, cfg, tokens, mask):
+    """The whole batch as one chunk through the decode path: unrolled layers over the per-layer view,
+    written into an empty decode cache."""
+    B, T = tokens.shape
+    L, K, H = cfg.num_layers, cfg.num_kv_heads, cfg.head_dim
+    positions = padded_positions(mask)
+    empty = KV(k=jnp.zeros((L, B, 0, K, H)), v=jnp.zeros((L, B, 0, K, H)), pos=jnp.zeros((B, 0), jnp.int32))
+    cache = DecodeCache.from_prefill(empty, keep=0, room=T)
+    hidden, _ = decoder.decode_step(decoder.decode_view(weights), cfg, tokens, positions, cache, 0)
+    return decoder.logits(weights, cfg, hidden)
+
+
+def test_decode_path_matches(case):
+    """The unrolled decode layers (per-layer view, decode cache) equal the scanned forward and transformers."""
+    got = _decode_path_logits(case.params, case.cfg, jnp.asarray(case.tokens), jnp.asarray(case.mask))
     _assert_close_on_real(got, case.hf, case.mask, **HF_TOL)
     _assert_close_on_real(got, case.jax, case.mask, **JAX_TOL)
 
@@ -146,9 +158,9 @@ CAUSAL_LM_CALL_CASES = ("llama3", "qwen2_tied")
 
 
 def test_causal_lm_from_hf(case):
-    model = CausalLM.from_hf(case.model_dir)
+    model = load_model(case.model_dir)
     assert model.cfg == case.cfg
-    pure = model.pure_params()
+    pure = model.weights()
     assert jax.tree.structure(pure) == jax.tree.structure(case.params)
     for a, b in zip(jax.tree.leaves(pure), jax.tree.leaves(case.params)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
@@ -301,7 +313,7 @@ def test_unsupported_config_is_refused_by_name(what, tmp_path):
     with pytest.raises(UnsupportedConfigError, match=named):
         load_hf(model_dir)
     with pytest.raises(UnsupportedConfigError, match=named):
-        CausalLM.from_hf(model_dir)
+        load_model(model_dir)
 
 
 def test_unsupported_real_checkpoint_is_refused(tmp_path):

@@ -91,7 +91,7 @@ def test_batch_is_left_padded(real):
 def test_config_is_read(real):
     cfg = real.cfg
     assert (cfg.model_type, cfg.num_layers, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim) == ("llama", 30, 9, 3, 64)
-    assert cfg.tie_word_embeddings and "lm_head" not in real.params
+    assert cfg.tie_word_embeddings and real.params.lm_head is None
     assert cfg.rope_theta == 100000.0 and cfg.rope_scaling is None
 
 

@@ -15,6 +15,7 @@ from scipy import stats
 from transformers.generation import logits_process as hf_lp
 
 from mfjax.engine import sampling
+from mfjax.sim import presets
 from mfjax.engine.sampling import (
     SamplingConfig,
     apply_repetition_penalty,
@@ -30,8 +31,8 @@ _penalty = jax.jit(apply_repetition_penalty)
 
 # The paper's two settings plus configs that exercise each path on its own and in combination.
 PARITY_CONFIGS = {
-    "policy": SamplingConfig.policy(),
-    "mean_field": SamplingConfig.mean_field(),
+    "policy": presets.resolve(presets.PAPER["policy"]),
+    "mean_field": presets.resolve(presets.PAPER["mean_field"]),
     "top_p_only": SamplingConfig(temperature=0.7, top_p=0.6),
     "top_k_only": SamplingConfig(temperature=1.3, top_k=7),
     "temperature_only": SamplingConfig(temperature=0.5),
@@ -147,7 +148,7 @@ def _pooled_chisquare(counts, expected):
 
 
 STAT_CONFIGS = {
-    "policy": SamplingConfig.policy(),
+    "policy": presets.resolve(presets.PAPER["policy"]),
     "top_p_full_sort": SamplingConfig(temperature=0.8, top_p=0.7),
     "temperature_only": SamplingConfig(temperature=1.5),
     "top_k_min_p": SamplingConfig(temperature=1.0, top_k=12, min_p=0.1, repetition_penalty=1.3),
@@ -180,7 +181,7 @@ def test_sampled_frequencies_match_kept_distribution(name):
     assert _pooled_chisquare(counts.astype(float), expected_p * n) > 1e-4
 
 
-@pytest.mark.parametrize("cfg", [SamplingConfig.policy(), SamplingConfig(temperature=0.9, top_p=0.9), SamplingConfig()])
+@pytest.mark.parametrize("cfg", [presets.resolve(presets.PAPER["policy"]), SamplingConfig(temperature=0.9, top_p=0.9), SamplingConfig()])
 def test_row_draws_ignore_batch_composition(cfg):
     rng = np.random.default_rng(6)
     n, vocab = 12, 300
@@ -222,9 +223,9 @@ def test_row_keys_forms():
     np.testing.assert_array_equal(raw, jax.random.key_data(typed))
     # Raw and typed keys with the same bits draw the same tokens.
     logits = jnp.asarray(np.random.default_rng(0).standard_normal((4, 50)), jnp.float32)
-    cfg = SamplingConfig.policy()
+    cfg = presets.resolve(presets.PAPER["policy"])
     np.testing.assert_array_equal(_sample(logits, raw, cfg=SamplingConfig(top_k=20)), _sample(logits, typed, cfg=SamplingConfig(top_k=20)))
-    assert cfg == SamplingConfig.policy() and hash(cfg) == hash(SamplingConfig.policy())
+    assert cfg == presets.resolve(presets.PAPER["policy"]) and hash(cfg) == hash(presets.resolve(presets.PAPER["policy"]))
 
 
 def _reference_penalty(logits, history, valid, penalty):
@@ -280,15 +281,15 @@ def test_greedy_is_argmax_with_lowest_index_ties():
 
 
 def test_paper_settings_and_hf_resolution():
-    policy = SamplingConfig.policy()
+    policy = presets.resolve(presets.PAPER["policy"])
     assert (policy.temperature, policy.top_k, policy.top_p, policy.repetition_penalty, policy.min_p) == (0.8, 50, 0.85, 1.2, None)
-    mean_field = SamplingConfig.mean_field()
+    mean_field = presets.resolve(presets.PAPER["mean_field"])
     assert (mean_field.temperature, mean_field.top_k, mean_field.top_p, mean_field.repetition_penalty) == (0.1, 50, 1.0, 1.2)
     # A checkpoint's own generation_config fills what the call leaves unset (as HF generate does).
     checkpoint = {"do_sample": True, "temperature": 0.7, "top_k": 20, "top_p": 0.8, "repetition_penalty": 1.05}
-    tuned = SamplingConfig.mean_field(checkpoint)
+    tuned = presets.resolve(presets.PAPER["mean_field"], checkpoint)
     assert (tuned.temperature, tuned.top_k, tuned.top_p, tuned.repetition_penalty) == (0.1, 20, 0.8, 1.2)
-    assert SamplingConfig.policy(checkpoint) == policy
+    assert presets.resolve(presets.PAPER["policy"], checkpoint) == policy
     assert SamplingConfig.from_generation_config().is_greedy  # HF's default is do_sample=False
     assert SamplingConfig.from_generation_config(checkpoint) == SamplingConfig(0.7, 20, 0.8, 1.05)
     with pytest.raises(ValueError, match="typical_p"):

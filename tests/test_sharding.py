@@ -16,8 +16,10 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from hf_fixtures import make_tiny_hf_model
 from mfjax import sharding
 from mfjax.io.hf import load_hf
+from mfjax.engine.generate import GenerateConfig, generate_tokens_jit
+from mfjax.engine.sampling import row_keys
 from mfjax.models import decoder
-from mfjax.models.params import unstack_layers
+from mfjax.models.weights import weight_shardings
 
 TOL = dict(atol=1e-5, rtol=1e-5)
 BATCH, SEQ = 8, 12
@@ -45,7 +47,7 @@ def tiny(tmp_path_factory):
 
 
 def _spec(tree_of_shardings):
-    return jax.tree.map(lambda s: s.spec, tree_of_shardings)
+    return jax.tree.map(lambda s: s.spec, tree_of_shardings).to_tree()
 
 
 def _shard_shape(array):
@@ -57,7 +59,7 @@ def _shard_shape(array):
 def test_param_shardings_split_on_model_axis(tiny):
     cfg = tiny["cfg"]
     mesh = sharding.make_mesh(MESHES["data2_model4"])
-    shardings = sharding.param_shardings(cfg, mesh)
+    shardings = weight_shardings(cfg, mesh)
     spec = _spec(shardings)
     layers = spec["layers"]
     assert spec["embed"] == P("model", None)  # vocab split 4 ways
@@ -74,12 +76,12 @@ def test_param_shardings_split_on_model_axis(tiny):
 
     placed = jax.device_put(tiny["params"], shardings)
     L, D, N, K, H, F, V = 3, 64, 4, 2, 16, 96, 128
-    assert _shard_shape(placed["embed"]) == (V // 4, D)
-    assert _shard_shape(placed["lm_head"]) == (D, V // 4)
-    assert _shard_shape(placed["layers"]["q"]) == (L, D, N // 4, H)
-    assert _shard_shape(placed["layers"]["gate"]) == (L, D, F // 4)
-    assert _shard_shape(placed["layers"]["k"]) == (L, D, K, H)  # whole on every device
-    assert len(placed["embed"].addressable_shards) == 8
+    assert _shard_shape(placed.embed) == (V // 4, D)
+    assert _shard_shape(placed.lm_head) == (D, V // 4)
+    assert _shard_shape(placed.layers.q) == (L, D, N // 4, H)
+    assert _shard_shape(placed.layers.gate) == (L, D, F // 4)
+    assert _shard_shape(placed.layers.k) == (L, D, K, H)  # whole on every device
+    assert len(placed.embed.addressable_shards) == 8
     for got, want in zip(jax.tree.leaves(placed), jax.tree.leaves(tiny["params"])):
         np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
@@ -87,7 +89,7 @@ def test_param_shardings_split_on_model_axis(tiny):
 def test_kv_heads_split_where_the_axis_divides_them(tiny):
     """The replication of kv-heads above is the divisibility rule, not a missing rule."""
     mesh2 = sharding.make_mesh({"data": 4, "model": 2})
-    assert sharding.param_shardings(tiny["cfg"], mesh2)["layers"]["k"].spec == P(None, None, "model", None)
+    assert weight_shardings(tiny["cfg"], mesh2).layers.k.spec == P(None, None, "model", None)
     mesh4 = sharding.make_mesh(MESHES["data2_model4"])
     axes = ("batch", "seq", "kv_heads", "head_dim")
     assert sharding.logical_to_spec(axes, mesh4, (BATCH, SEQ, 2, 16)) == P("data", None, None, None)
@@ -96,48 +98,39 @@ def test_kv_heads_split_where_the_axis_divides_them(tiny):
 
 def test_fsdp_and_data_only_meshes(tiny):
     cfg = tiny["cfg"]
-    fsdp = _spec(sharding.param_shardings(cfg, sharding.make_mesh(MESHES["fsdp2_model4"])))
+    fsdp = _spec(weight_shardings(cfg, sharding.make_mesh(MESHES["fsdp2_model4"])))
     assert fsdp["embed"] == P("model", "fsdp")
     assert fsdp["layers"]["q"] == P(None, "fsdp", "model", None)
     assert fsdp["layers"]["k"] == P(None, "fsdp", None, None)
     assert fsdp["layers"]["down"] == P(None, "model", "fsdp")
-    data = _spec(sharding.param_shardings(cfg, sharding.make_mesh(MESHES["data8"])))
+    data = _spec(weight_shardings(cfg, sharding.make_mesh(MESHES["data8"])))
     for leaf in jax.tree.leaves(data, is_leaf=lambda x: isinstance(x, P)):
         assert all(axis is None for axis in leaf), leaf  # pure data parallelism: weights replicated
 
 
-def _sharded_forward(tiny, mesh_shape, unstacked):
+def _place_batch(x, mesh):
+    return jax.device_put(x, sharding.named_sharding(("batch", None), mesh, x.shape))
+
+
+def _sharded_forward(tiny, mesh_shape):
     cfg, mesh = tiny["cfg"], sharding.make_mesh(mesh_shape)
-    params = unstack_layers(tiny["params"]) if unstacked else tiny["params"]
-    param_shardings = sharding.param_shardings(cfg, mesh, layers_unstacked=unstacked)
-    assert jax.tree.structure(param_shardings) == jax.tree.structure(params)
-    params = jax.device_put(params, param_shardings)
-    tokens = sharding.shard_batch(tiny["tokens"], mesh)
-    mask = sharding.shard_batch(tiny["mask"], mesh)
+    shardings = weight_shardings(cfg, mesh)
+    params = jax.device_put(tiny["params"], shardings)
+    tokens, mask = _place_batch(tiny["tokens"], mesh), _place_batch(tiny["mask"], mesh)
     batch_sharding = sharding.named_sharding(("batch", None), mesh, tokens.shape)
     assert tokens.sharding == batch_sharding
     out_sharding = sharding.named_sharding(("batch", "seq", "vocab"), mesh, (BATCH, SEQ, cfg.vocab_size))
-    with sharding.use_mesh(mesh):
-        # Built and traced inside use_mesh: constrain() runs at trace time and pins the activations.
-        fn = jax.jit(
-            lambda p, t, m: decoder.forward_logits(p, cfg, t, m),
-            in_shardings=(param_shardings, batch_sharding, batch_sharding),
-            out_shardings=out_sharding,
-        )
-        lowered = fn.lower(params, tokens, mask)
+    plan = sharding.MeshRules(mesh)  # explicit: a static argument, part of the trace key
+    fn = jax.jit(lambda p, t, m: decoder.forward_logits(p, cfg, t, m, plan=plan),
+                 in_shardings=(shardings, batch_sharding, batch_sharding), out_shardings=out_sharding)
+    lowered = fn.lower(params, tokens, mask)
     out = lowered.compile()(params, tokens, mask)
     return mesh, lowered.as_text(), out, out_sharding
 
 
-# Both layouts on the two main meshes; FSDP (a training layout) with stacked layers only.
-FORWARD_CASES = [("data2_model4", False), ("data2_model4", True), ("data8", False), ("data8", True),
-                 ("fsdp2_model4", False)]
-
-
-@pytest.mark.parametrize("mesh_name, unstacked", FORWARD_CASES,
-                         ids=[f"{m}-{'unstacked' if u else 'stacked'}" for m, u in FORWARD_CASES])
-def test_sharded_forward_equals_unsharded(tiny, mesh_name, unstacked):
-    mesh, text, out, out_sharding = _sharded_forward(tiny, MESHES[mesh_name], unstacked)
+@pytest.mark.parametrize("mesh_name", sorted(MESHES))
+def test_sharded_forward_equals_unsharded(tiny, mesh_name):
+    mesh, text, out, out_sharding = _sharded_forward(tiny, MESHES[mesh_name])
     assert out.sharding == out_sharding
     rows = mesh.shape["data"] * mesh.shape["fsdp"]
     vocab_split = mesh.shape["model"]
@@ -158,23 +151,34 @@ def test_sharded_forward_equals_unsharded(tiny, mesh_name, unstacked):
     assert not any('"model"' in line for line in kv_heads)
 
 
-def test_constraints_apply_only_inside_use_mesh(tiny):
+def test_constraints_follow_the_mesh_not_the_first_trace(tiny):
+    """A jitted engine function called outside any mesh, then inside JAX's mesh context, compiles a second,
+    sharded program: the mesh is part of the trace key, never a hidden context that the jit cache misses."""
     cfg, mesh = tiny["cfg"], sharding.make_mesh(MESHES["data2_model4"])
-    fn = jax.jit(lambda p, t, m: decoder.forward_logits(p, cfg, t, m))
-    args = (tiny["params"], tiny["tokens"], tiny["mask"])
-    assert sharding.active_mesh() is None
-    assert "sharding_constraint" not in fn.lower(*args).as_text()
-    with sharding.use_mesh(mesh) as active:
-        assert active is mesh and sharding.active_mesh() is mesh
-        # A fresh trace inside the context carries the constraints.
-        fresh = jax.jit(lambda p, t, m: decoder.forward_logits(p, cfg, t, m))
-        assert "sharding_constraint" in fresh.lower(*args).as_text()
-    assert sharding.active_mesh() is None
+    weights, tokens = tiny["params"], jax.numpy.asarray(tiny["tokens"])
+    lens = jax.numpy.full((BATCH,), SEQ, jax.numpy.int32)
+    gcfg = GenerateConfig(max_new_tokens=3)
+    keys = row_keys(0, jax.numpy.arange(BATCH), 0)
+    before = generate_tokens_jit._cache_size()
+    plain = generate_tokens_jit(weights, cfg, gcfg, tokens, lens, keys)
+    assert not isinstance(plain.tokens.sharding, NamedSharding) or plain.tokens.sharding.spec == P()
+    placed = jax.device_put(weights, weight_shardings(cfg, mesh))
+    with sharding.use_mesh(mesh):
+        sharded = generate_tokens_jit(placed, cfg, gcfg, tokens, lens, keys)
+    assert generate_tokens_jit._cache_size() == before + 2  # a second program, not the unsharded trace
+    assert isinstance(sharded.tokens.sharding, NamedSharding)
+    assert sharded.tokens.sharding.spec[0] == "data"  # the rows split over the data axis
+    np.testing.assert_array_equal(np.asarray(sharded.tokens), np.asarray(plain.tokens))
+    # The explicit form: the same function with a MeshRules static argument, outside any context.
+    explicit = generate_tokens_jit(placed, cfg, gcfg, tokens, lens, keys, plan=sharding.MeshRules(mesh))
+    assert explicit.tokens.sharding.spec == sharded.tokens.sharding.spec
+    text = jax.jit(lambda w, t: decoder.forward_logits(w, cfg, t)).lower(weights, tokens).as_text()
+    assert "sharding_constraint" not in text  # no mesh anywhere: no constraints
 
 
 def test_load_hf_places_arrays_on_their_shardings(tiny):
     cfg, mesh = tiny["cfg"], sharding.make_mesh(MESHES["data2_model4"])
-    shardings = sharding.param_shardings(cfg, mesh)
+    shardings = weight_shardings(cfg, mesh)
     loaded_cfg, params = load_hf(tiny["dir"], shardings=shardings)
     assert loaded_cfg == cfg
     assert jax.tree.structure(params) == jax.tree.structure(shardings)
@@ -182,7 +186,7 @@ def test_load_hf_places_arrays_on_their_shardings(tiny):
         assert isinstance(got.sharding, NamedSharding)
         assert got.sharding == want, (got.sharding, want)
         np.testing.assert_array_equal(np.asarray(got), np.asarray(ref))
-    assert _shard_shape(params["embed"]) == (cfg.vocab_size // 4, cfg.hidden_size)
+    assert _shard_shape(params.embed) == (cfg.vocab_size // 4, cfg.hidden_size)
 
 
 def test_make_mesh_shapes():

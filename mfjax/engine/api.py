@@ -11,29 +11,38 @@ from typing import Sequence
 import jax.numpy as jnp
 import numpy as np
 
-from mfjax.config import ModelConfig
-from mfjax.engine.generate import (GenerateConfig, bucket_length, generate_tokens_jit, pad_rows,
-                                   prefill_prefix_jit)
+from mfjax.config import ModelConfig, default_attn_impl
+from mfjax.engine.generate import GenerateConfig, generate_tokens_jit, prefill_prefix_jit
+from mfjax.engine.host import bucket_length, pad_rows_host
 from mfjax.engine.sampling import SamplingConfig, row_keys
 from mfjax.engine.score import score_tokens_jit
-from mfjax.models.params import unstack_layers
+from mfjax.models.weights import Weights
+
+
+def _pad(rows, width: int, pad_id: int, left: bool):
+    tokens, lengths = pad_rows_host(rows, width, pad_id, left=left)
+    return jnp.asarray(tokens), jnp.asarray(lengths)
 
 
 class Engine:
-    """A model (parameters in the decode layout), its tokenizer, and bucketing settings."""
+    """A model's weights (the stored layout, shared with its :class:`CausalLM`), its tokenizer, and bucketing
+    settings."""
 
-    def __init__(self, cfg: ModelConfig, params, tokenizer, *, attn_impl: str | None = None,
+    def __init__(self, cfg: ModelConfig, weights: Weights, tokenizer, *, attn_impl: str | None = None,
                  buckets: Sequence[int] | None = None):
+        if not isinstance(weights, Weights):
+            raise TypeError(f"Engine takes mfjax.models.weights.Weights, got {type(weights).__name__}")
         self.cfg = cfg
-        self.params = unstack_layers(params)
+        self.weights = weights
         self.tokenizer = tokenizer
         self.attn_impl = attn_impl or default_attn_impl()
         self.buckets = tuple(buckets) if buckets else None
 
     @classmethod
     def from_model(cls, model, tokenizer, **kwargs) -> "Engine":
-        """From a :class:`mfjax.models.module.CausalLM`."""
-        return cls(model.cfg, model.pure_params(), tokenizer, **kwargs)
+        """From a :class:`mfjax.models.module.CausalLM` (the same arrays, no copy)."""
+        kwargs.setdefault("attn_impl", model.attn_impl)
+        return cls(model.cfg, model.weights(), tokenizer, **kwargs)
 
     def _encode(self, texts: Sequence[str], chat: bool) -> list[list[int]]:
         if chat:
@@ -61,14 +70,14 @@ class Engine:
         self._check_ids("prompts", prompts)
         if prefix is not None:
             self._check_ids("prefix", [prefix])
-        suffix, lens = pad_rows(prompts, bucket_length(max(len(p) for p in prompts), self.buckets),
-                                gcfg.pad_token_id, left=True)
+        suffix, lens = _pad(prompts, bucket_length(max(len(p) for p in prompts), self.buckets), gcfg.pad_token_id,
+                            left=True)
         pre = None
         if prefix is not None:
-            ptoks, plens = pad_rows([prefix], bucket_length(len(prefix), self.buckets), gcfg.pad_token_id, left=False)
-            pre = prefill_prefix_jit(self.params, self.cfg, ptoks, plens, attn_impl=gcfg.attn_impl)
+            ptoks, plens = _pad([prefix], bucket_length(len(prefix), self.buckets), gcfg.pad_token_id, left=False)
+            pre = prefill_prefix_jit(self.weights, self.cfg, ptoks, plens, attn_impl=gcfg.attn_impl)
         keys = row_keys(seed, jnp.arange(len(prompts)), 0)
-        out = generate_tokens_jit(self.params, self.cfg, gcfg, suffix, lens, keys, pre)
+        out = generate_tokens_jit(self.weights, self.cfg, gcfg, suffix, lens, keys, pre)
         tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
         return [tokens[i, :lengths[i]].tolist() for i in range(len(prompts))]
 
@@ -110,9 +119,9 @@ class Engine:
         c_ids = [tok.encode(c) for c in continuations]
         self._check_ids("prompts", p_ids)
         self._check_ids("continuations", c_ids)
-        prompt, plens = pad_rows(p_ids, bucket_length(max(map(len, p_ids)), self.buckets), tok.pad_token_id, left=True)
-        target, tlens = pad_rows(c_ids, bucket_length(max(map(len, c_ids)), self.buckets), tok.pad_token_id, left=False)
-        logprobs = score_tokens_jit(self.params, self.cfg, prompt, plens, target, tlens, attn_impl=self.attn_impl)
+        prompt, plens = _pad(p_ids, bucket_length(max(map(len, p_ids)), self.buckets), tok.pad_token_id, left=True)
+        target, tlens = _pad(c_ids, bucket_length(max(map(len, c_ids)), self.buckets), tok.pad_token_id, left=False)
+        logprobs = score_tokens_jit(self.weights, self.cfg, prompt, plens, target, tlens, attn_impl=self.attn_impl)
         return np.asarray(logprobs, np.float64).sum(axis=1)
 
 
@@ -125,16 +134,6 @@ def _check_texts(name: str, texts) -> None:
             raise ValueError(f"{name}[{i}] is a {type(text).__name__}, not a string")
         if not text:
             raise ValueError(f"{name}[{i}] is empty")
-
-
-def default_attn_impl() -> str:
-    """The attention implementation used when none is asked for: XLA everywhere, for now.
-
-    cuDNN (``attn_impl="cudnn"``) was measured 6-10x faster than XLA for long-sequence attention on
-    H100/H200 (DESIGN.md), but mfjax's masked cuDNN path has not yet been run on a GPU, so it stays
-    opt-in until ``benchmarks/generate.py`` has checked it there.
-    """
-    return "xla"
 
 
 def generate(model, tokenizer, prompts: Sequence[str], **kwargs) -> list[str]:

@@ -2,34 +2,34 @@
 
 Layout of one generation call (B rows in E groups of R = B / E rows; each group shares a prefix):
 
-* the **prefix** of each group, right-padded to a bucket P, is prefilled once into a grouped cache
-  [E, P, K, H] — positions 0 … len-1, padding invalid;
-* each row's own **suffix**, left-padded to a bucket Ts, is prefilled into the row's cache [B, Ts + M]
-  (M = max_new_tokens) while attending to its group's prefix (cascade attention: the prefix keys are read
-  once per group, never copied per row); its positions continue from its group's prefix length, so the
-  row sees exactly the concatenated prompt;
-* the **decode loop** (``lax.while_loop``, early stop when every row has stopped) writes token t at slot
-  Ts + t of every row and samples with per-row keys ``fold_in(row_key, t)``.
+* the **prefix** of each group, right-padded to P, is prefilled once (:func:`prefill_prefix`): its keys and
+  values [L, E, P, K, H] are read by the R rows of the group, never copied per row (cascade attention);
+* each row's own **suffix**, left-padded to Ts, is prefilled against its group's prefix, its positions
+  continuing from the prefix's length, so the row sees exactly the concatenated prompt. Optional
+  **targets** (continuations to score) ride the same prefill after the suffix and are scored blockwise;
+* the **decode cache** is built from the suffix's keys and values only (scored targets never become
+  decode slots) plus room for M new tokens; the **decode loop** (``lax.while_loop``, early stop when every
+  row has stopped) runs the layers unrolled over a per-layer view of the weights taken once, writes token
+  t at slot Ts + t, and samples with per-row keys ``fold_in(row_key, t)``.
 
-All functions are pure and traceable, so the simulator can call them inside its own ``lax.scan``.
+All functions are pure and traceable, so the simulator calls them inside its own ``lax.scan``. Every
+entry point takes the one stored layout, :class:`~mfjax.models.weights.Weights` (layers stacked).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from mfjax.config import ModelConfig
-from mfjax.engine.kvcache import (KVCache, Prefix, init_cache, left_padded_positions,  # noqa: F401
-                                   right_padded_positions)
-from mfjax.engine.score import target_logprobs
-from mfjax.models.layers import INVALID_POS
 from mfjax.engine.sampling import SamplingConfig, sample_tokens
+from mfjax.engine.score import target_logprobs
 from mfjax.models import decoder
+from mfjax.models.kvcache import DecodeCache, Prefix, left_padded_positions, right_padded_positions
+from mfjax.models.weights import Weights
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,21 +75,20 @@ class Generated:
     tokens: jax.Array
     lengths: jax.Array
     finished: jax.Array  # [B] bool: a stop token was emitted
-    target_logprobs: jax.Array | None = None  # [B, Tt] when targets were scored in the same prefill
+    target_logprobs: Optional[jax.Array] = None  # [B, Tt] when targets were scored in the same prefill
 
 
-def prefill_prefix(params, cfg: ModelConfig, tokens: jax.Array, lengths: jax.Array, *,
-                   attn_impl: str = "xla", cache_dtype=None) -> Prefix:
-    """Prefills right-padded prefixes tokens [E, P] (``lengths`` [E]) into a grouped cache."""
-    E, P = tokens.shape
-    cache = init_cache(cfg, E, P, dtype=cache_dtype or params["embed"].dtype,
-                       stacked=not isinstance(params["layers"], (list, tuple)))
-    _, cache = decoder.forward(params, cfg, tokens, right_padded_positions(lengths, P), cache=cache,
-                               cache_index=0, attn_impl=attn_impl)
-    return Prefix(cache=cache, tokens=tokens.astype(jnp.int32), lengths=lengths.astype(jnp.int32))
+def prefill_prefix(weights: Weights, cfg: ModelConfig, tokens: jax.Array, lengths: jax.Array, *,
+                   attn_impl: str = "xla", plan=None) -> Prefix:
+    """Prefills right-padded prefixes tokens [E, P] (``lengths`` [E]) once, for their groups' rows."""
+    P = tokens.shape[1]
+    _, kv = decoder.forward(weights, cfg, tokens, right_padded_positions(lengths, P), attn_impl=attn_impl,
+                            keep_kv=True, plan=plan)
+    return Prefix(kv=kv, tokens=tokens.astype(jnp.int32), lengths=lengths.astype(jnp.int32))
 
 
-def _history(prefix: Prefix | None, rows_per_group: int, suffix: jax.Array, suffix_lens: jax.Array, max_new: int):
+def _history(prefix: Optional[Prefix], rows_per_group: int, suffix: jax.Array, suffix_lens: jax.Array,
+             max_new: int):
     """Token history [B, P + Ts + M] and its validity, for the repetition penalty (HF penalises every
     prompt and generated token; padding is not part of the prompt here)."""
     B, Ts = suffix.shape
@@ -105,30 +104,31 @@ def _history(prefix: Prefix | None, rows_per_group: int, suffix: jax.Array, suff
     return jnp.concatenate(parts, axis=1).astype(jnp.int32), jnp.concatenate(valid, axis=1)
 
 
-def generate_tokens(params, cfg: ModelConfig, gcfg: GenerateConfig, suffix: jax.Array, suffix_lens: jax.Array,
-                    keys: jax.Array, prefix: Prefix | None = None, cache_dtype=None,
-                    stop_mask: jax.Array | None = None, targets: jax.Array | None = None,
-                    target_lens: jax.Array | None = None, line_stop: LineStop | None = None) -> Generated:
+def generate_tokens(weights: Weights, cfg: ModelConfig, gcfg: GenerateConfig, suffix: jax.Array,
+                    suffix_lens: jax.Array, keys: jax.Array, prefix: Optional[Prefix] = None,
+                    stop_mask: Optional[jax.Array] = None, targets: Optional[jax.Array] = None,
+                    target_lens: Optional[jax.Array] = None, line_stop: Optional[LineStop] = None,
+                    plan=None) -> Generated:
     """Generates up to ``gcfg.max_new_tokens`` tokens for each of B rows.
 
     Args:
-      params: decoder parameters (unstacked layers are the fast layout for decode).
+      weights: the model's weights (layers stacked; decode takes a per-layer view inside).
       suffix: [B, Ts] left-padded prompt tokens of each row (the whole prompt when ``prefix`` is None).
       suffix_lens: [B] real lengths.
       keys: [B] per-row PRNG keys (typed); token t of row b is drawn with ``fold_in(keys[b], t)``.
       prefix: optional group prefix (see :func:`prefill_prefix`); row b belongs to group b // (B / E).
-      stop_mask: optional [V] bool table of stop tokens, used instead of ``gcfg.stop_token_ids`` when a
-        stop set is large (e.g. every token that contains a newline).
+      stop_mask: optional [V] bool table of stop tokens, used instead of ``gcfg.stop_token_ids``.
       targets, target_lens: optional [B, Tt] right-padded continuations to score in the same prefill
-        (teacher forced after the prompt); their log-probabilities come back in ``target_logprobs``
-        and their cache slots are then hidden, so generation continues from the prompt alone.
+        (teacher forced after the prompt); their log-probabilities come back in ``target_logprobs``.
+        They are not decode slots: generation continues from the prompt alone.
       line_stop: optional: also stop a row where its first line ends (the token that ends it is kept).
+      plan: optional :class:`~mfjax.sharding.MeshRules` pinning activations and caches.
     """
     B, Ts = suffix.shape
     M = gcfg.max_new_tokens
     suffix_lens = suffix_lens.astype(jnp.int32)
     if prefix is not None:
-        E = prefix.tokens.shape[0]
+        E = prefix.groups
         if B % E:
             raise ValueError(f"{B} rows do not split into {E} prefix groups")
         R = B // E
@@ -136,25 +136,23 @@ def generate_tokens(params, cfg: ModelConfig, gcfg: GenerateConfig, suffix: jax.
         hist_offset = prefix.tokens.shape[1]
     else:
         R, offset, hist_offset = 1, jnp.zeros((B,), jnp.int32), 0
-    prefix_cache = None if prefix is None else prefix.cache
 
-    Tt = 0 if targets is None else targets.shape[1]
-    cache = init_cache(cfg, B, Ts + Tt + M, dtype=cache_dtype or params["embed"].dtype,
-                       stacked=not isinstance(params["layers"], (list, tuple)))
     tokens, positions = suffix, left_padded_positions(suffix_lens, Ts, offset)
+    Tt = 0
     if targets is not None:
+        Tt = targets.shape[1]
         target_valid = jnp.arange(Tt)[None, :] < target_lens[:, None]
         tokens = jnp.concatenate([suffix, targets.astype(suffix.dtype)], axis=1)
         positions = jnp.concatenate([positions, right_padded_positions(target_lens, Tt, offset + suffix_lens)], axis=1)
-    hidden, cache = decoder.forward(params, cfg, tokens, positions, cache=cache, cache_index=0, prefix=prefix_cache,
-                                    attn_impl=gcfg.attn_impl)
-    first_logits = decoder.logits(params, cfg, hidden[:, Ts - 1])
+    hidden, kv = decoder.forward(weights, cfg, tokens, positions, prefix=prefix, attn_impl=gcfg.attn_impl,
+                                 keep_kv=True, plan=plan)
+    first_logits = decoder.logits(weights, cfg, hidden[:, Ts - 1])
     scored = None
     if targets is not None:
-        scored = target_logprobs(params, cfg, hidden[:, Ts - 1:Ts - 1 + Tt], targets, target_valid)
-        # The targets were read only to be scored: hide their slots from the continuation.
-        cache = KVCache(k=cache.k, v=cache.v, pos=cache.pos.at[:, Ts:Ts + Tt].set(INVALID_POS))
-    Ts_gen = Ts + Tt  # decode writes after the scored targets
+        scored = target_logprobs(weights, cfg, hidden[:, Ts - 1:Ts - 1 + Tt], targets, target_valid)
+    cache = DecodeCache.from_prefill(kv, keep=Ts, room=M)  # the prompt's slots only, then M empty ones
+    view = decoder.decode_view(weights)  # per-layer weights, sliced once outside the loop
+    prefix_view = None if prefix is None else prefix.per_layer()
     history, history_valid = _history(prefix, R, suffix, suffix_lens, M)
     next_pos = offset + suffix_lens
     if stop_mask is None:
@@ -184,9 +182,9 @@ def generate_tokens(params, cfg: ModelConfig, gcfg: GenerateConfig, suffix: jax.
             stop |= line_stop.ends(token, started)
             started |= ~line_stop.whitespace[token]
         done = done | stop
-        hidden, cache = decoder.forward(params, cfg, token[:, None], (next_pos + step)[:, None], cache=cache,
-                                        cache_index=Ts_gen + step, prefix=prefix_cache, attn_impl=gcfg.attn_impl)
-        logits = decoder.logits(params, cfg, hidden[:, 0])
+        hidden, cache = decoder.decode_step(view, cfg, token[:, None], (next_pos + step)[:, None], cache, Ts + step,
+                                            prefix=prefix_view, attn_impl=gcfg.attn_impl, plan=plan)
+        logits = decoder.logits(view, cfg, hidden[:, 0])
         return step + 1, logits, cache, done, out, history, history_valid, started
 
     out = jnp.full((B, M), gcfg.pad_token_id, jnp.int32)
@@ -197,65 +195,5 @@ def generate_tokens(params, cfg: ModelConfig, gcfg: GenerateConfig, suffix: jax.
     return Generated(tokens=out, lengths=lengths, finished=done, target_logprobs=scored)
 
 
-def step_logits(params, cfg: ModelConfig, gcfg: GenerateConfig, suffix, suffix_lens, prefix: Prefix | None,
-                tokens: jax.Array) -> jax.Array:
-    """Logits [B, M, V] that the decode loop saw before drawing each of ``tokens`` [B, M] (teacher
-    forced through the same cache path) — to check cached decode against a full forward."""
-    B, Ts = suffix.shape
-    M = tokens.shape[1]
-    R = 1 if prefix is None else B // prefix.tokens.shape[0]
-    offset = jnp.zeros((B,), jnp.int32) if prefix is None else jnp.repeat(prefix.lengths, R)
-    cache = init_cache(cfg, B, Ts + M, dtype=params["embed"].dtype,
-                       stacked=not isinstance(params["layers"], (list, tuple)))
-    prefix_cache = None if prefix is None else prefix.cache
-    hidden, cache = decoder.forward(params, cfg, suffix, left_padded_positions(suffix_lens, Ts, offset),
-                                    cache=cache, cache_index=0, prefix=prefix_cache, attn_impl=gcfg.attn_impl)
-    all_logits = [decoder.logits(params, cfg, hidden[:, -1])]
-    for t in range(M - 1):
-        hidden, cache = decoder.forward(params, cfg, tokens[:, t:t + 1], (offset + suffix_lens + t)[:, None],
-                                        cache=cache, cache_index=Ts + t, prefix=prefix_cache,
-                                        attn_impl=gcfg.attn_impl)
-        all_logits.append(decoder.logits(params, cfg, hidden[:, 0]))
-    return jnp.stack(all_logits, axis=1)
-
-
-def bucket_length(n: int, buckets: Sequence[int] | None = None, minimum: int = 16) -> int:
-    """The smallest bucket >= n: from ``buckets`` when given, else the next power of two (>= minimum)."""
-    if buckets:
-        for b in sorted(buckets):
-            if b >= n:
-                return int(b)
-        raise ValueError(f"length {n} exceeds the largest bucket {max(buckets)}")
-    size = minimum
-    while size < n:
-        size *= 2
-    return size
-
-
-def pad_rows_host(rows: Sequence[Sequence[int]], width: int, pad_id: int, *, left: bool,
-                  num_rows: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Pads token lists to numpy [num_rows or len(rows), width] on the left or right; returns
-    (tokens, lengths). Rows past ``len(rows)`` are all padding with length 0."""
-    n = len(rows) if num_rows is None else num_rows
-    out = np.full((n, width), pad_id, np.int32)
-    lengths = np.zeros((n,), np.int32)
-    for i, row in enumerate(rows):
-        if len(row) > width:
-            raise ValueError(f"row {i} has {len(row)} tokens, more than the width {width}")
-        lengths[i] = len(row)
-        if len(row):
-            if left:
-                out[i, width - len(row):] = row
-            else:
-                out[i, :len(row)] = row
-    return out, lengths
-
-
-def pad_rows(rows: Sequence[Sequence[int]], width: int, pad_id: int, left: bool) -> tuple[jax.Array, jax.Array]:
-    """:func:`pad_rows_host` as device arrays."""
-    tokens, lengths = pad_rows_host(rows, width, pad_id, left=left)
-    return jnp.asarray(tokens), jnp.asarray(lengths)
-
-
-prefill_prefix_jit = jax.jit(prefill_prefix, static_argnames=("cfg", "attn_impl", "cache_dtype"))
-generate_tokens_jit = jax.jit(generate_tokens, static_argnames=("cfg", "gcfg", "cache_dtype"))
+prefill_prefix_jit = jax.jit(prefill_prefix, static_argnames=("cfg", "attn_impl", "plan"))
+generate_tokens_jit = jax.jit(generate_tokens, static_argnames=("cfg", "gcfg", "plan"))

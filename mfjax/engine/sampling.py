@@ -145,29 +145,6 @@ class SamplingConfig:
             settings["temperature"] = None
         return cls(**settings)
 
-    @classmethod
-    def policy(cls, generation_config: Optional[Mapping[str, Any]] = None) -> "SamplingConfig":
-        """The paper's policy (agent action) sampling: T=0.8, top-p 0.85, top-k 50, repetition penalty 1.2.
-
-        All four are passed explicitly, so a checkpoint's generation_config only matters for fields the
-        call leaves unset (min_p).
-        """
-        return cls.from_generation_config(
-            generation_config, do_sample=True, temperature=0.8, top_p=0.85, top_k=50, repetition_penalty=1.2
-        )
-
-    @classmethod
-    def mean_field(cls, generation_config: Optional[Mapping[str, Any]] = None) -> "SamplingConfig":
-        """The paper's mean-field sampling: ``generate(do_sample=True, temperature=0.1, repetition_penalty=1.2)``.
-
-        Only temperature and penalty are passed, so top-k / top-p come from the checkpoint's
-        generation_config when it sets them, else from HF's fallbacks: top_k=50, top_p=1.0. With no
-        ``generation_config`` this returns the fallback case (top_k=50). Pass the checkpoint's
-        generation_config.json to reproduce a run on that checkpoint exactly (Qwen2.5 *Instruct*
-        checkpoints, for example, ship top_k=20 and top_p=0.8).
-        """
-        return cls.from_generation_config(generation_config, do_sample=True, temperature=0.1, repetition_penalty=1.2)
-
 
 def apply_repetition_penalty(
     logits: jax.Array, history: jax.Array, history_valid: jax.Array, penalty: float | jax.Array

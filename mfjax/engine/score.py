@@ -3,57 +3,80 @@
 Used for the NLL of real actions under the policy (the paper's individual-level metric) and by IB-Tune.
 A row's prompt may be split into a group prefix (shared, read once per group) and its own part, exactly
 as in generation, so scoring sees the same prompt as sampling did.
+
+Target log-probabilities are ``logit[target] − logsumexp(logits)`` computed in chunks of the target length
+(blockwise cross-entropy): the float32 ``[rows, Tt, V]`` log-softmax is never materialised, and under
+``jax.grad`` each chunk's logits are recomputed rather than stored.
 """
 
 from __future__ import annotations
+
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
 
 from mfjax.config import ModelConfig
-from mfjax.engine.kvcache import Prefix, left_padded_positions, right_padded_positions
 from mfjax.models import decoder
+from mfjax.models.kvcache import Prefix, left_padded_positions, right_padded_positions
+from mfjax.models.lora import LoraWeights
+from mfjax.models.weights import Weights
+
+# Logits held at once by the blockwise cross-entropy (float32 elements): 2**25 = 128 MiB.
+MAX_LOGITS = 2**25
 
 
-def score_tokens(params, cfg: ModelConfig, prompt: jax.Array, prompt_lens: jax.Array, target: jax.Array,
-                 target_lens: jax.Array, prefix: Prefix | None = None, attn_impl: str = "xla") -> jax.Array:
+def score_tokens(weights: Weights, cfg: ModelConfig, prompt: jax.Array, prompt_lens: jax.Array, target: jax.Array,
+                 target_lens: jax.Array, prefix: Optional[Prefix] = None, attn_impl: str = "xla",
+                 lora: Optional[LoraWeights] = None, remat: Optional[str] = None, plan=None) -> jax.Array:
     """Per-token log p(target | prompt) [B, Tt] (float32; 0 past each target's length).
 
     Args:
-      prompt: [B, Tp] left-padded prompt tokens (after the group prefix, when one is given).
+      prompt: [B, Tp] left-padded prompt tokens (after the group prefix, when one is given); Tp >= 1.
       prompt_lens: [B]; each must be >= 1 unless the row has a prefix to condition on.
       target: [B, Tt] right-padded continuation tokens; target_lens [B].
       prefix: optional grouped prefix shared by B / E consecutive rows.
+      lora, remat: the LoRA side path and rematerialisation (training).
     """
     B, Tp = prompt.shape
     Tt = target.shape[1]
-    if prefix is None:
-        offset = jnp.zeros((B,), jnp.int32)
-    else:
-        offset = jnp.repeat(prefix.lengths, B // prefix.tokens.shape[0])
+    if Tp == 0:
+        raise ValueError("scoring needs at least one prompt slot per row (the one that predicts target 0)")
+    offset = jnp.zeros((B,), jnp.int32) if prefix is None else jnp.repeat(prefix.lengths, B // prefix.groups)
     prompt_pos = left_padded_positions(prompt_lens.astype(jnp.int32), Tp, offset)
     target_valid = jnp.arange(Tt, dtype=jnp.int32)[None, :] < target_lens[:, None]
-    tokens = jnp.concatenate([prompt, target], axis=1)
+    tokens = jnp.concatenate([prompt, target.astype(prompt.dtype)], axis=1)
     positions = jnp.concatenate([prompt_pos, right_padded_positions(target_lens, Tt, offset + prompt_lens)], axis=1)
-    if prefix is not None and Tp == 0:
-        raise ValueError("scoring with an empty per-row prompt needs the prefix's last hidden state")
-    hidden, _ = decoder.forward(params, cfg, tokens, positions, prefix=None if prefix is None else prefix.cache,
-                                attn_impl=attn_impl)
+    hidden, _ = decoder.forward(weights, cfg, tokens, positions, prefix=prefix, attn_impl=attn_impl, lora=lora,
+                                remat=remat, plan=plan)
     # Hidden state at slot j predicts the token at slot j + 1: the last prompt slot predicts target 0.
-    return target_logprobs(params, cfg, hidden[:, Tp - 1:Tp - 1 + Tt], target, target_valid)
+    return target_logprobs(weights, cfg, hidden[:, Tp - 1:Tp - 1 + Tt], target, target_valid)
 
 
-def target_logprobs(params, cfg: ModelConfig, hidden: jax.Array, targets: jax.Array, valid: jax.Array) -> jax.Array:
-    """log p(targets) [B, Tt] from the hidden states [B, Tt, D] that predict them; 0 where not ``valid``."""
-    logprobs = jax.nn.log_softmax(decoder.logits(params, cfg, hidden), axis=-1)
-    picked = jnp.take_along_axis(logprobs, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
-    return jnp.where(valid, picked, 0.0)
+def target_logprobs(weights, cfg: ModelConfig, hidden: jax.Array, targets: jax.Array, valid: jax.Array, *,
+                    max_logits: int = MAX_LOGITS) -> jax.Array:
+    """log p(targets) [B, Tt] from the hidden states [B, Tt, D] that predict them; 0 where not ``valid``.
+
+    Chunks of the target length are scored one after another, each holding at most ``max_logits`` logits.
+    """
+    B, T, D = hidden.shape
+    if T == 0:
+        return jnp.zeros((B, 0), jnp.float32)
+    chunk = max(1, min(T, max_logits // max(1, B * cfg.vocab_size)))
+    n = -(-T // chunk)
+    pad = n * chunk - T
+    hs = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0))).reshape(B, n, chunk, D).swapaxes(0, 1)
+    ts = jnp.pad(targets.astype(jnp.int32), ((0, 0), (0, pad))).reshape(B, n, chunk).swapaxes(0, 1)
+
+    @jax.checkpoint  # under grad, recompute a chunk's logits instead of keeping [B, Tt, V] alive
+    def one(args):
+        h, t = args
+        lg = decoder.logits(weights, cfg, h)  # [B, chunk, V] float32
+        picked = jnp.take_along_axis(lg, t[..., None], axis=-1)[..., 0]
+        return picked - jax.nn.logsumexp(lg, axis=-1)
+
+    out = jax.lax.map(one, (hs, ts)).swapaxes(0, 1).reshape(B, n * chunk)[:, :T]
+    return jnp.where(valid, out, 0.0)
 
 
-score_tokens_jit = jax.jit(score_tokens, static_argnames=("cfg", "attn_impl"))
-
-
-def sequence_nll(logprobs: jax.Array, target_lens: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """(summed NLL [B], mean per-token NLL [B]) from :func:`score_tokens` output."""
-    total = -jnp.sum(logprobs, axis=-1)
-    return total, total / jnp.maximum(target_lens, 1)
+score_tokens_jit = jax.jit(score_tokens, static_argnames=("cfg", "attn_impl", "remat", "plan"))

@@ -1,8 +1,8 @@
-"""Orbax checkpoints of a parameter tree, self-describing through a JSON item with the HF config.
+"""Orbax checkpoints of decoder weights, self-describing through a JSON item with the HF config.
 
 Layout of ``path`` (one :class:`orbax.checkpoint.CheckpointManager` directory)::
 
-    path/<step>/params/   the stacked parameter tree (StandardSave)
+    path/<step>/params/   the stacked weights as a nested dict (StandardSave; :meth:`Weights.to_tree`)
     path/<step>/meta/     JSON: {"format", "version", "hf_config", ...extra metadata}
 
 Restores read shapes and dtypes from the checkpoint, so no model code is needed to restore, and place
@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 from mfjax.config import ModelConfig
-from mfjax.models.params import param_specs, map_specs, stack_layers
+from mfjax.models.weights import Weights, map_specs, weight_specs
 
 FORMAT = "mfjax-params"
 VERSION = 1
@@ -52,17 +52,17 @@ def _resolve_step(mngr: ocp.CheckpointManager, step: int | None) -> int:
 
 def save_checkpoint(
     path: str | os.PathLike,
-    params: Mapping[str, Any],
+    weights: Weights,
     cfg: ModelConfig,
     step: int = 0,
     *,
     metadata: Mapping[str, Any] | None = None,
 ) -> str:
-    """Saves ``params`` (stacked or unstacked layers; stored stacked) and ``cfg`` as step ``step``.
+    """Saves ``weights`` and ``cfg`` as step ``step``.
 
     Args:
       path: the checkpoint directory (created if needed); other steps in it are kept.
-      params: the parameter tree of :mod:`mfjax.models.params`, possibly sharded.
+      weights: the model's :class:`Weights`, possibly sharded.
       cfg: its config; stored as the HF ``config.json`` dict so the checkpoint describes itself.
       step: step number; an existing step of that number is replaced.
       metadata: extra JSON-serialisable entries stored with the config (e.g. ``generation_config``).
@@ -71,7 +71,7 @@ def save_checkpoint(
       The absolute checkpoint directory.
     """
     mngr = _manager(path, read_only=False)
-    params = stack_layers(dict(params))
+    params = weights.to_tree()
     meta = {**dict(metadata or {}), "format": FORMAT, "version": VERSION, "hf_config": cfg.to_hf()}
     if step in mngr.all_steps():
         mngr.delete(step)
@@ -105,14 +105,14 @@ def restore_checkpoint(
     step: int | None = None,
     shardings: Any = None,
     dtype=None,
-) -> tuple[ModelConfig, dict[str, Any]]:
-    """Restores ``(cfg, params)`` from a checkpoint written by :func:`save_checkpoint`.
+) -> tuple[ModelConfig, Weights]:
+    """Restores ``(cfg, weights)`` from a checkpoint written by :func:`save_checkpoint`.
 
     Args:
       path: the checkpoint directory.
       step: which step; the latest when ``None``.
-      shardings: optional tree of ``jax.sharding.Sharding`` shaped like the params; arrays are read
-        straight onto them. Default: the first local device.
+      shardings: optional :class:`Weights` of ``jax.sharding.Sharding``; arrays are read straight onto
+        them. Default: the first local device.
       dtype: cast floating-point params to this dtype while reading; ``None`` keeps the stored dtypes.
     """
     meta = read_metadata(path, step)
@@ -125,7 +125,7 @@ def restore_checkpoint(
 
     default = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     shard_leaves = (
-        jax.tree.leaves(shardings, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
+        jax.tree.leaves(shardings.to_tree(), is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
         if shardings is not None
         else None
     )
@@ -143,7 +143,7 @@ def restore_checkpoint(
     )
     params = mngr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target)))["params"]
     mngr.close()
-    return cfg, params
+    return cfg, Weights.from_tree(params)
 
 
 def _is_array_meta(x: Any) -> bool:
@@ -156,7 +156,7 @@ def _path_str(path) -> str:
 
 def _check_shapes(cfg: ModelConfig, stored: Any, where: str) -> None:
     """The stored tree must be the parameter tree of ``cfg`` (same paths, same shapes)."""
-    want = jax.tree_util.tree_flatten_with_path(map_specs(lambda s: s.shape, param_specs(cfg)),
+    want = jax.tree_util.tree_flatten_with_path(map_specs(lambda s: s.shape, weight_specs(cfg)).to_tree(),
                                                 is_leaf=lambda x: isinstance(x, tuple))[0]
     got = jax.tree_util.tree_flatten_with_path(stored, is_leaf=_is_array_meta)[0]
     want = {_path_str(p): tuple(s) for p, s in want}

@@ -1,20 +1,20 @@
-"""HF safetensors folders <-> mfjax parameter trees, in both directions and without torch.
+"""HF safetensors folders <-> mfjax :class:`~mfjax.models.weights.Weights`, both ways and without torch.
 
-One key table (:func:`key_table`) names, for every parameter of :mod:`mfjax.models.params`, its HF key
-pattern and the layout change between the two (:class:`Transform`). Loading reads tensors lazily with
-``safetensors.safe_open`` and builds one stacked ``[L, ...]`` array per parameter, placed onto its sharding
-as soon as it is built, so the host never holds more than one stacked parameter beyond what is already
-placed. Saving applies the exact inverse transforms and writes HF-loadable shards.
+The key table (:func:`mfjax.models.hf_keys.key_table`) names, for every parameter, its HF key pattern and
+the layout change between the two. Loading reads tensors lazily with ``safetensors.safe_open`` and builds
+one stacked ``[L, ...]`` array per parameter, placed onto its sharding as soon as it is built, so the host
+never holds more than one stacked parameter beyond what is already placed. Saving applies the exact
+inverse transforms and writes HF-loadable shards. :func:`load_model` / :func:`save_model` do the same for
+the NNX front end (:class:`~mfjax.models.module.CausalLM`).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import re
 import shutil
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -23,7 +23,9 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from mfjax.config import ModelConfig
-from mfjax.models.params import ParamSpec, is_spec, param_specs
+from mfjax.models.hf_keys import KeyRule, key_table, per_layer_shape
+from mfjax.models.module import CausalLM
+from mfjax.models.weights import Weights, get_path, replace_path, weight_specs
 
 CONFIG_FILE = "config.json"
 GENERATION_CONFIG_FILE = "generation_config.json"
@@ -51,136 +53,6 @@ _TOKENIZER_SUFFIXES = (".model", ".tiktoken")
 
 class CheckpointFormatError(ValueError):
     """An HF folder does not match what its config describes (missing, unexpected or misshapen keys)."""
-
-
-# ------------------------------------------------------------------------------------------ layouts
-@dataclasses.dataclass(frozen=True)
-class Transform:
-    """A layout change between an HF tensor and one layer's slice of an mfjax parameter.
-
-    ``hf_shape`` maps the mfjax (per-layer) shape to the HF shape; ``to_mfjax`` takes the HF array and
-    the mfjax shape; ``to_hf`` is its exact inverse (pure reshapes and transposes, so bit-exact).
-    """
-
-    name: str
-    hf_shape: Callable[[tuple[int, ...]], tuple[int, ...]]
-    to_mfjax: Callable[[np.ndarray, tuple[int, ...]], np.ndarray]
-    to_hf: Callable[[np.ndarray], np.ndarray]
-
-
-IDENTITY = Transform("identity", lambda s: s, lambda x, s: x, lambda x: x)
-# [A, B] <-> [B, A]: torch Linear stores [out, in]; mfjax multiplies x @ w with w [in, out].
-TRANSPOSE = Transform("transpose", lambda s: s[::-1], lambda x, s: x.T, lambda x: x.T)
-# q/k/v projections: HF [X*H, D] <-> mfjax [D, X, H].
-SPLIT_HEADS_OUT = Transform(
-    "split_heads_out",
-    lambda s: (s[1] * s[2], s[0]),
-    lambda x, s: x.reshape(s[1], s[2], s[0]).transpose(2, 0, 1),
-    lambda x: x.transpose(1, 2, 0).reshape(x.shape[1] * x.shape[2], x.shape[0]),
-)
-# output projection: HF [D, N*H] <-> mfjax [N, H, D].
-SPLIT_HEADS_IN = Transform(
-    "split_heads_in",
-    lambda s: (s[2], s[0] * s[1]),
-    lambda x, s: x.reshape(s[2], s[0], s[1]).transpose(1, 2, 0),
-    lambda x: x.transpose(2, 0, 1).reshape(x.shape[2], x.shape[0] * x.shape[1]),
-)
-# q/k/v biases: HF [X*H] <-> mfjax [X, H].
-SPLIT_BIAS = Transform(
-    "split_bias",
-    lambda s: (s[0] * s[1],),
-    lambda x, s: x.reshape(s),
-    lambda x: x.reshape(-1),
-)
-
-
-@dataclasses.dataclass(frozen=True)
-class KeyRule:
-    """One row of the key table: an HF key template (``{i}`` = layer index) and where it lands."""
-
-    hf_template: str
-    path: tuple[str, ...]  # e.g. ("layers", "q")
-    transform: Transform
-
-    @property
-    def per_layer(self) -> bool:
-        return "{i}" in self.hf_template
-
-    @property
-    def pattern(self) -> re.Pattern:
-        return re.compile(re.escape(self.hf_template).replace(r"\{i\}", r"(\d+)") + "$")
-
-    def hf_key(self, layer: int | None = None) -> str:
-        return self.hf_template.format(i=layer)
-
-
-def key_table(cfg: ModelConfig) -> list[KeyRule]:
-    """The HF key of every parameter of ``cfg`` and the layout change to reach it."""
-    attn = "model.layers.{i}.self_attn."
-    mlp = "model.layers.{i}.mlp."
-    layer = "model.layers.{i}."
-    rules = [
-        KeyRule("model.embed_tokens.weight", ("embed",), IDENTITY),
-        KeyRule("model.norm.weight", ("final_norm",), IDENTITY),
-        KeyRule(attn + "q_proj.weight", ("layers", "q"), SPLIT_HEADS_OUT),
-        KeyRule(attn + "k_proj.weight", ("layers", "k"), SPLIT_HEADS_OUT),
-        KeyRule(attn + "v_proj.weight", ("layers", "v"), SPLIT_HEADS_OUT),
-        KeyRule(attn + "o_proj.weight", ("layers", "o"), SPLIT_HEADS_IN),
-        KeyRule(mlp + "gate_proj.weight", ("layers", "gate"), TRANSPOSE),
-        KeyRule(mlp + "up_proj.weight", ("layers", "up"), TRANSPOSE),
-        KeyRule(mlp + "down_proj.weight", ("layers", "down"), TRANSPOSE),
-        KeyRule(layer + "input_layernorm.weight", ("layers", "attn_norm"), IDENTITY),
-    ]
-    if cfg.sandwich_norms:
-        # Gemma 2: HF's "post_attention_layernorm" is the norm *after* attention, not before the MLP.
-        rules += [
-            KeyRule(layer + "post_attention_layernorm.weight", ("layers", "post_attn_norm"), IDENTITY),
-            KeyRule(layer + "pre_feedforward_layernorm.weight", ("layers", "mlp_norm"), IDENTITY),
-            KeyRule(layer + "post_feedforward_layernorm.weight", ("layers", "post_mlp_norm"), IDENTITY),
-        ]
-    else:
-        rules.append(KeyRule(layer + "post_attention_layernorm.weight", ("layers", "mlp_norm"), IDENTITY))
-    if cfg.attention_bias:
-        rules += [
-            KeyRule(attn + "q_proj.bias", ("layers", "q_bias"), SPLIT_BIAS),
-            KeyRule(attn + "k_proj.bias", ("layers", "k_bias"), SPLIT_BIAS),
-            KeyRule(attn + "v_proj.bias", ("layers", "v_bias"), SPLIT_BIAS),
-        ]
-    if not cfg.tie_word_embeddings:
-        rules.append(KeyRule("lm_head.weight", ("lm_head",), TRANSPOSE))
-    _check_table_covers_specs(cfg, rules)
-    return rules
-
-
-def _check_table_covers_specs(cfg: ModelConfig, rules: list[KeyRule]) -> None:
-    """The key table and :func:`param_specs` must name the same parameters (guards future edits)."""
-    spec_paths = {path for path, _ in _spec_items(param_specs(cfg))}
-    rule_paths = {r.path for r in rules}
-    if spec_paths != rule_paths:
-        raise AssertionError(
-            f"key table and param_specs disagree: only in specs {sorted(spec_paths - rule_paths)}, "
-            f"only in table {sorted(rule_paths - spec_paths)}"
-        )
-
-
-def _spec_items(specs: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], ParamSpec]]:
-    for name, value in specs.items():
-        if is_spec(value):
-            yield prefix + (name,), value
-        else:
-            yield from _spec_items(value, prefix + (name,))
-
-
-def _get_path(tree: Mapping[str, Any], path: tuple[str, ...]) -> Any:
-    for name in path:
-        tree = tree[name]
-    return tree
-
-
-def _set_path(tree: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
-    for name in path[:-1]:
-        tree = tree.setdefault(name, {})
-    tree[path[-1]] = value
 
 
 def _np_dtype(dtype) -> np.dtype | None:
@@ -277,15 +149,16 @@ def _is_tied_duplicate(key: str, rules: list[KeyRule]) -> bool:
     return key == "lm_head.weight" and all(r.path != ("lm_head",) for r in rules)
 
 
-def load_hf(model_dir: str | os.PathLike, dtype=jnp.float32, shardings: Any = None) -> tuple[ModelConfig, dict]:
-    """Loads an HF safetensors folder as ``(config, params)`` in the layout of :mod:`mfjax.models.params`.
+def load_hf(model_dir: str | os.PathLike, dtype=jnp.float32, shardings: Weights | None = None) -> tuple[ModelConfig, Weights]:
+    """Loads an HF safetensors folder as ``(config, weights)``.
 
     Args:
       model_dir: folder with ``config.json`` and ``model.safetensors`` (or shards plus
         ``model.safetensors.index.json``).
       dtype: dtype of the returned arrays; ``None`` keeps the stored dtype.
-      shardings: optional tree of ``jax.sharding.Sharding`` shaped like the param tree; each stacked
-        parameter is placed onto its sharding as soon as it is built.
+      shardings: optional :class:`Weights` of ``jax.sharding.Sharding`` (e.g.
+        :func:`mfjax.models.weights.weight_shardings`); each stacked parameter is placed onto its sharding
+        as soon as it is built.
 
     Raises:
       FileNotFoundError: no ``config.json``, no weights, or a shard listed in the index is absent.
@@ -298,22 +171,34 @@ def load_hf(model_dir: str | os.PathLike, dtype=jnp.float32, shardings: Any = No
         raise FileNotFoundError(f"no {CONFIG_FILE} in {model_dir}")
     cfg = ModelConfig.from_hf(config_path)
     rules = key_table(cfg)
-    specs = param_specs(cfg)
+    weights = specs = weight_specs(cfg)
     key_to_file = _weight_files(model_dir)
     found = _match_keys(rules, key_to_file, cfg.num_layers, model_dir, key_to_file)
     target = _np_dtype(dtype)
     tensors = _LazyTensors(key_to_file)
-    params: dict[str, Any] = {}
     try:
         for rule in rules:
-            spec = _get_path(specs, rule.path)
+            spec = get_path(specs, rule.path)
             array = _read_param(rule, spec, found, tensors, cfg.num_layers, target, model_dir)
-            sharding = _get_path(shardings, rule.path) if shardings is not None else None
-            _set_path(params, rule.path, _place(array, sharding))
+            sharding = get_path(shardings, rule.path) if shardings is not None else None
+            weights = replace_path(weights, rule.path, _place(array, sharding))
             del array  # the host copy goes as soon as it is on the device
     finally:
         tensors.close()
-    return cfg, params
+    return cfg, weights
+
+
+def load_model(model_dir: str | os.PathLike, dtype=jnp.float32, shardings: Weights | None = None,
+               **kwargs) -> CausalLM:
+    """An HF checkpoint directory as the NNX front end (``kwargs`` go to :class:`CausalLM`)."""
+    cfg, weights = load_hf(model_dir, dtype=dtype, shardings=shardings)
+    return CausalLM(cfg, weights, **kwargs)
+
+
+def save_model(model: CausalLM, out_dir: str | os.PathLike, **kwargs) -> str:
+    """Exports a :class:`CausalLM` to an HF directory that ``transformers.AutoModelForCausalLM`` loads
+    (``kwargs`` as :func:`save_hf`)."""
+    return save_hf(out_dir, model.cfg, model.weights(), **kwargs)
 
 
 def _place(array: np.ndarray, sharding) -> jax.Array:
@@ -327,7 +212,7 @@ def _place(array: np.ndarray, sharding) -> jax.Array:
 def _read_param(rule, spec, found, tensors, num_layers, target, model_dir) -> np.ndarray:
     """One parameter, built layer by layer into a preallocated ``[L, ...]`` array."""
     layers = range(num_layers) if rule.per_layer else [None]
-    shape = spec.shape[1:] if rule.per_layer else spec.shape
+    shape = per_layer_shape(rule, spec)
     expected = tuple(rule.transform.hf_shape(shape))
     out = None
     for layer in layers:
@@ -355,58 +240,41 @@ def _read_param(rule, spec, found, tensors, num_layers, target, model_dir) -> np
 
 # ------------------------------------------------------------------------------------------ saving
 class _HostSource:
-    """Per-layer host (numpy) slices of the params, stacked or unstacked, without device-side copies.
+    """Per-layer host (numpy) slices of the weights, without device-side copies.
 
     A stacked parameter is fetched to the host once and kept while its layers are written (tensors are
     visited parameter by parameter), so host memory holds one stacked parameter at a time.
     """
 
-    def __init__(self, params: Mapping[str, Any], num_layers: int):
-        self.params = params
-        self.unstacked = isinstance(params["layers"], (list, tuple))
-        if self.unstacked and len(params["layers"]) != num_layers:
-            raise ValueError(f"params have {len(params['layers'])} layers, the config says {num_layers}")
-        self.num_layers = num_layers
+    def __init__(self, weights: Weights):
+        self.weights = weights
         self._cached: tuple[tuple[str, ...], np.ndarray] | None = None
 
-    def array(self, path: tuple[str, ...], layer: int | None) -> Any:
-        """The device (or host) array holding ``path``: per layer when unstacked, else the whole one."""
-        try:
-            if self.unstacked and layer is not None:
-                return _get_path(self.params["layers"][layer], path[1:])
-            return _get_path(self.params, path)
-        except (KeyError, TypeError):
-            where = "/".join(path) + (f" (layer {layer})" if self.unstacked and layer is not None else "")
-            raise ValueError(f"params lack {where}") from None
-
     def host(self, path: tuple[str, ...], layer: int | None) -> np.ndarray:
-        if self.unstacked or layer is None:
-            return np.asarray(jax.device_get(self.array(path, layer)))
         if self._cached is None or self._cached[0] != path:
             self._cached = None  # drop the previous parameter before fetching the next
-            self._cached = (path, np.asarray(jax.device_get(self.array(path, layer))))
-        return self._cached[1][layer]
+            self._cached = (path, np.asarray(jax.device_get(get_path(self.weights, path))))
+        value = self._cached[1]
+        return value if layer is None else value[layer]
 
 
-def _hf_tensors(cfg: ModelConfig, params: Mapping[str, Any], dtype) -> list[tuple[str, tuple[int, ...], np.dtype, Callable[[], np.ndarray]]]:
+def _hf_tensors(cfg: ModelConfig, weights: Weights, dtype) -> list[tuple[str, tuple[int, ...], np.dtype, Callable[[], np.ndarray]]]:
     """(HF key, HF shape, dtype, thunk) for every tensor, checked against the specs; nothing read yet."""
-    specs = param_specs(cfg)
-    source = _HostSource(params, cfg.num_layers)
+    if not isinstance(weights, Weights):
+        raise TypeError(f"expected mfjax.models.weights.Weights, got {type(weights).__name__}")
+    specs = weight_specs(cfg)
+    source = _HostSource(weights)
     target = _np_dtype(dtype)
     out = []
     for rule in key_table(cfg):
-        spec = _get_path(specs, rule.path)
-        shape = spec.shape[1:] if rule.per_layer else spec.shape
-        layers = list(range(cfg.num_layers)) if rule.per_layer else [None]
-        per_layer_arrays = [source.array(rule.path, layer) for layer in layers] if source.unstacked else [
-            source.array(rule.path, None)
-        ]
-        want = shape if (source.unstacked or not rule.per_layer) else spec.shape
-        for value in per_layer_arrays:
-            if tuple(value.shape) != tuple(want):
-                raise ValueError(f"param {'/'.join(rule.path)} has shape {list(value.shape)}, expected {list(want)}")
-        out_dtype = target if target is not None else np.dtype(per_layer_arrays[0].dtype)
-        for layer in layers:
+        spec = get_path(specs, rule.path)
+        value = get_path(weights, rule.path)
+        if value is None or tuple(value.shape) != tuple(spec.shape):
+            got = "nothing" if value is None else f"shape {list(value.shape)}"
+            raise ValueError(f"param {'/'.join(rule.path)} has {got}, expected {list(spec.shape)}")
+        out_dtype = target if target is not None else np.dtype(value.dtype)
+        shape = per_layer_shape(rule, spec)
+        for layer in (range(cfg.num_layers) if rule.per_layer else [None]):
 
             def thunk(path=rule.path, layer=layer, transform=rule.transform, out_dtype=out_dtype):
                 return np.ascontiguousarray(transform.to_hf(source.host(path, layer)).astype(out_dtype, copy=False))
@@ -432,19 +300,19 @@ def _plan_shards(tensors, max_shard_bytes: float) -> list[list]:
 def save_hf(
     out_dir: str | os.PathLike,
     cfg: ModelConfig,
-    params: Mapping[str, Any],
+    weights: Weights,
     *,
     tokenizer_dir: str | os.PathLike | None = None,
     generation_config: Mapping[str, Any] | None = None,
     max_shard_bytes: float = 2e9,
     dtype=None,
 ) -> str:
-    """Writes ``params`` as an HF folder that ``AutoModelForCausalLM.from_pretrained`` loads.
+    """Writes ``weights`` as an HF folder that ``AutoModelForCausalLM.from_pretrained`` loads.
 
     Args:
       out_dir: created if needed; existing weight files of a previous export are replaced.
       cfg: the model config (written as ``config.json`` via :meth:`ModelConfig.to_hf`).
-      params: stacked (``layers`` a dict of ``[L, ...]``) or unstacked (a list of per-layer dicts).
+      weights: the model's :class:`Weights`.
       tokenizer_dir: folder whose tokenizer files (and ``generation_config.json``) are copied along.
       generation_config: written as ``generation_config.json`` (wins over one in ``tokenizer_dir``).
       max_shard_bytes: above this total, weights are split into shards with an index.
@@ -455,7 +323,7 @@ def save_hf(
     """
     out_dir = os.fspath(out_dir)
     os.makedirs(out_dir, exist_ok=True)
-    tensors = _hf_tensors(cfg, params, dtype)
+    tensors = _hf_tensors(cfg, weights, dtype)
 
     for name in os.listdir(out_dir):  # stale shards of an earlier export would confuse loaders
         if name.endswith(".safetensors") or name == INDEX_FILE:

@@ -1,13 +1,22 @@
-"""The generic decoder: one forward pass for every supported family, as pure functions over a param tree.
+"""The generic decoder: every supported family, as pure functions over :class:`~mfjax.models.weights.Weights`.
 
-``forward`` runs the layers either with ``lax.scan`` (parameters stacked over layers: fast to compile,
-best for training and long prefill, optionally rematerialised) or unrolled in Python (parameters from
-:func:`mfjax.models.params.unstack_layers`: the fast layout for decode). Both give the same numbers.
+Two entry points, one per job:
+
+* :func:`forward` — a prefill or a full forward over a chunk of tokens: the layers are one ``lax.scan``
+  over the stacked weights (fast to compile, rematerialisable for training, an optional LoRA side path
+  rides the scan). Attention reads a grouped prefix (if any) and the chunk's own keys and values — never
+  an empty cache. It can return the chunk's keys and values (stacked) for a decode cache.
+* :func:`decode_step` — one token per row against a :class:`~mfjax.models.kvcache.DecodeCache`, the layers
+  unrolled over a per-layer view of the weights (:func:`decode_view`, taken once per generation).
+
+Rotary tables are computed once per call and shared by the layers. Activations are pinned to the mesh by
+logical axes through an explicit :class:`~mfjax.sharding.MeshRules` (or JAX's context mesh).
 """
 
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -15,8 +24,10 @@ import numpy as np
 
 from mfjax import sharding
 from mfjax.config import ModelConfig
-from mfjax.engine.kvcache import KVCache
-from mfjax.models import layers as L
+from mfjax.models import layers
+from mfjax.models.kvcache import KV, DecodeCache, Prefix, key_positions, padded_positions
+from mfjax.models.lora import LoraWeights
+from mfjax.models.weights import LayerWeights, Weights
 
 REMAT_POLICIES = {
     None: None,
@@ -27,167 +38,182 @@ REMAT_POLICIES = {
 }
 
 
-def embed(params: dict[str, Any], cfg: ModelConfig, tokens: jax.Array) -> jax.Array:
+def embed(weights, cfg: ModelConfig, tokens: jax.Array, plan=None) -> jax.Array:
     """Token embeddings [B, T, D] (Gemma multiplies by sqrt(D) in the activation dtype, as HF does)."""
-    x = jnp.take(params["embed"], tokens, axis=0)
+    x = jnp.take(weights.embed, tokens, axis=0)
     if cfg.scale_embeddings:
         x = x * jnp.asarray(cfg.hidden_size**0.5, dtype=x.dtype)
-    return sharding.constrain(x, ("batch", "seq", "embed"))
+    return sharding.constrain(x, ("batch", "seq", "embed"), plan)
 
 
-def logits(params: dict[str, Any], cfg: ModelConfig, hidden: jax.Array) -> jax.Array:
+def logits(weights, cfg: ModelConfig, hidden: jax.Array) -> jax.Array:
     """float32 logits [..., V] from final hidden states [..., D] (tied or untied head, soft-capped)."""
     if cfg.tie_word_embeddings:
-        out = jnp.einsum("...d,vd->...v", hidden, params["embed"], preferred_element_type=jnp.float32)
+        out = jnp.einsum("...d,vd->...v", hidden, weights.embed, preferred_element_type=jnp.float32)
     else:
-        out = jnp.einsum("...d,dv->...v", hidden, params["lm_head"], preferred_element_type=jnp.float32)
-    return L.softcap(out, cfg.final_logit_softcap)
+        out = jnp.einsum("...d,dv->...v", hidden, weights.lm_head, preferred_element_type=jnp.float32)
+    return layers.softcap(out, cfg.final_logit_softcap)
 
 
-def _layer(
-    lp: dict[str, jax.Array],
-    x: jax.Array,
-    cfg: ModelConfig,
-    *,
-    rope_pos: jax.Array,
-    q_pos: jax.Array,
-    key_pos: jax.Array,
-    window,
-    cache_kv: tuple[jax.Array, jax.Array] | None,
-    cache_pos: jax.Array | None,
-    cache_index,
-    prefix_kv: tuple[jax.Array, jax.Array, jax.Array] | None,
-    attn_impl: str,
-):
-    """One decoder layer. Returns (x, updated (k, v) cache arrays or None)."""
-    inv_freq = L.rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
-    h = L.rms_norm(x, lp["attn_norm"], cfg.rms_norm_eps, cfg.norm_plus_one)
-    q = jnp.einsum("btd,dnh->btnh", h, lp["q"])
-    k = jnp.einsum("btd,dkh->btkh", h, lp["k"])
-    v = jnp.einsum("btd,dkh->btkh", h, lp["v"])
-    if cfg.attention_bias:
-        q, k, v = q + lp["q_bias"], k + lp["k_bias"], v + lp["v_bias"]
-    q = sharding.constrain(L.apply_rope(q, rope_pos, inv_freq), ("batch", "seq", "q_heads", "head_dim"))
-    k = sharding.constrain(L.apply_rope(k, rope_pos, inv_freq), ("batch", "seq", "kv_heads", "head_dim"))
-
-    new_cache = None
-    if cache_kv is not None:
-        ck = jax.lax.dynamic_update_slice(cache_kv[0], k.astype(cache_kv[0].dtype), (0, cache_index, 0, 0))
-        cv = jax.lax.dynamic_update_slice(cache_kv[1], v.astype(cache_kv[1].dtype), (0, cache_index, 0, 0))
-        new_cache = (ck, cv)
-        segments = [L.KVSegment(ck, cv, cache_pos)]
-    else:
-        segments = [L.KVSegment(k, v, key_pos)]
-    if prefix_kv is not None:
-        segments.insert(0, L.KVSegment(prefix_kv[0], prefix_kv[1], prefix_kv[2], grouped=True))
-
-    attn = L.attention(q, segments, q_pos, scale=cfg.attention_scale, window=window,
-                       softcap=cfg.attn_logit_softcap, impl=attn_impl)
-    out = jnp.einsum("btnh,nhd->btd", attn, lp["o"])
-    if cfg.sandwich_norms:
-        out = L.rms_norm(out, lp["post_attn_norm"], cfg.rms_norm_eps, cfg.norm_plus_one)
-    x = x + out
-    h = L.rms_norm(x, lp["mlp_norm"], cfg.rms_norm_eps, cfg.norm_plus_one)
-    out = L.gated_mlp(h, lp["gate"], lp["up"], lp["down"], cfg.hidden_act)
-    if cfg.sandwich_norms:
-        out = L.rms_norm(out, lp["post_mlp_norm"], cfg.rms_norm_eps, cfg.norm_plus_one)
-    x = sharding.constrain(x + out, ("batch", "seq", "embed"))
-    return x, new_cache
+def _rope(cfg: ModelConfig, positions: jax.Array) -> layers.Rope:
+    return layers.rope_tables(positions, layers.rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling))
 
 
-def forward(
-    params: dict[str, Any],
-    cfg: ModelConfig,
-    tokens: jax.Array,
-    positions: jax.Array,
-    *,
-    cache: KVCache | None = None,
-    cache_index: jax.Array | int = 0,
-    prefix: KVCache | None = None,
-    attn_impl: str = "xla",
-    remat: str | None = None,
-) -> tuple[jax.Array, KVCache | None]:
-    """Runs the decoder over tokens [B, T] at ``positions`` [B, T] (negative = padding).
+def _proj(x: jax.Array, w: jax.Array, eq: str, lora, scale: float, lora_eqs: tuple[str, str]) -> jax.Array:
+    """x·W, plus the LoRA side path s·((x·A)·B) when ``lora`` (one layer's pair) is given."""
+    y = jnp.einsum(eq, x, w)
+    if lora is not None:
+        low = jnp.einsum(lora_eqs[0], x, lora.a.astype(x.dtype))
+        y = y + (scale * jnp.einsum(lora_eqs[1], low, lora.b.astype(x.dtype))).astype(y.dtype)
+    return y
 
-    With ``cache``, this chunk's keys/values are written at slot ``cache_index`` and attention reads the
-    whole cache (prefill or decode); without it, attention reads only this chunk (a full forward).
-    ``prefix`` is a grouped cache [E, P, ...] shared by B / E consecutive rows each (cascade attention).
-    Returns (final-normed hidden states [B, T, D], updated cache or None). Apply :func:`logits` to the
-    positions you need: computing [B, T, V] for a long prefill is rarely wanted.
+
+_LORA_EQ = {
+    "q": ("btd,dr->btr", "btr,rnh->btnh"), "k": ("btd,dr->btr", "btr,rkh->btkh"), "v": ("btd,dr->btr", "btr,rkh->btkh"),
+    "o": ("btnh,nhr->btr", "btr,rd->btd"), "gate": ("btd,dr->btr", "btr,rf->btf"), "up": ("btd,dr->btr", "btr,rf->btf"),
+    "down": ("btf,fr->btr", "btr,rd->btd"),
+}
+
+
+def _layer(lw: LayerWeights, x: jax.Array, cfg: ModelConfig, *, rope: layers.Rope, q_pos: jax.Array, window,
+           own_pos: Optional[jax.Array], cache: Optional[tuple], prefix_kv: Optional[tuple], attn_impl: str,
+           lora: Optional[LoraWeights], plan):
+    """One decoder layer over x [B, T, D].
+
+    Keys/values: with ``cache = (k [B, S, K, H], v, pos [B, S], index)`` this chunk is written at ``index`` and
+    attention reads the cache (decode); otherwise it reads this chunk's own keys at ``own_pos`` (prefill).
+    ``prefix_kv = (k [E, P, K, H], v, pos [E, P])`` is a grouped prefix read by B / E rows each.
+    Returns (x, (k, v) of this chunk, or the updated cache arrays).
     """
-    if attn_impl not in L.ATTENTION_IMPLS:
-        raise ValueError(f"attn_impl must be one of {L.ATTENTION_IMPLS}, got {attn_impl!r}")
-    x = embed(params, cfg, tokens)
-    positions = positions.astype(jnp.int32)
-    rope_pos = jnp.maximum(positions, 0)
-    key_pos = jnp.where(positions >= 0, positions, L.INVALID_POS)
-    cache_pos = None
+    pair = (lambda t: getattr(lora, t)) if lora is not None else (lambda t: None)
+    s = 0.0 if lora is None else lora.scale
+    h = layers.rms_norm(x, lw.attn_norm, cfg.rms_norm_eps, cfg.norm_plus_one)
+    q = _proj(h, lw.q, "btd,dnh->btnh", pair("q"), s, _LORA_EQ["q"])
+    k = _proj(h, lw.k, "btd,dkh->btkh", pair("k"), s, _LORA_EQ["k"])
+    v = _proj(h, lw.v, "btd,dkh->btkh", pair("v"), s, _LORA_EQ["v"])
+    if cfg.attention_bias:
+        q, k, v = q + lw.q_bias, k + lw.k_bias, v + lw.v_bias
+    q = sharding.constrain(layers.apply_rope(q, rope), ("batch", "seq", "q_heads", "head_dim"), plan)
+    k = sharding.constrain(layers.apply_rope(k, rope), ("batch", "seq", "kv_heads", "head_dim"), plan)
+    v = sharding.constrain(v, ("batch", "seq", "kv_heads", "head_dim"), plan)
+
     if cache is not None:
-        cache_pos = jax.lax.dynamic_update_slice(cache.pos, key_pos, (0, cache_index))
-    common = dict(rope_pos=rope_pos, q_pos=positions, key_pos=key_pos, cache_pos=cache_pos,
-                  cache_index=cache_index, attn_impl=attn_impl)
-    layer_params = params["layers"]
-
-    if isinstance(layer_params, (list, tuple)):
-        new_k, new_v = [], []
-        for i, lp in enumerate(layer_params):
-            x, kv = _layer(
-                lp, x, cfg, window=L.layer_window(cfg, cfg.sliding_layers[i]),
-                cache_kv=None if cache is None else (cache.k[i], cache.v[i]),
-                prefix_kv=None if prefix is None else (prefix.k[i], prefix.v[i], prefix.pos),
-                **common,
-            )
-            if kv is not None:
-                new_k.append(kv[0])
-                new_v.append(kv[1])
-        new_cache = None if cache is None else KVCache(k=new_k, v=new_v, pos=cache_pos)
+        ck, cv, cpos, index = cache
+        ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, index, 0, 0))
+        cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, index, 0, 0))
+        segments = [layers.KVSegment(ck, cv, cpos)]
+        out_kv = (ck, cv)
     else:
-        x, new_cache = _scan_layers(layer_params, x, cfg, cache, prefix, remat, common)
-    x = L.rms_norm(x, params["final_norm"], cfg.rms_norm_eps, cfg.norm_plus_one)
-    return x, new_cache
+        segments = [layers.KVSegment(k, v, own_pos)]
+        out_kv = (k, v)
+    if prefix_kv is not None:
+        segments.insert(0, layers.KVSegment(*prefix_kv, grouped=True))
+
+    attn = layers.attention(q, segments, q_pos, scale=cfg.attention_scale, window=window,
+                            softcap=cfg.attn_logit_softcap, impl=attn_impl)
+    out = _proj(attn, lw.o, "btnh,nhd->btd", pair("o"), s, _LORA_EQ["o"])
+    if cfg.sandwich_norms:
+        out = layers.rms_norm(out, lw.post_attn_norm, cfg.rms_norm_eps, cfg.norm_plus_one)
+    x = x + out
+    h = layers.rms_norm(x, lw.mlp_norm, cfg.rms_norm_eps, cfg.norm_plus_one)
+    g = _proj(h, lw.gate, "btd,df->btf", pair("gate"), s, _LORA_EQ["gate"])
+    u = _proj(h, lw.up, "btd,df->btf", pair("up"), s, _LORA_EQ["up"])
+    g = sharding.constrain(layers.glu(g, u, cfg.hidden_act), ("batch", "seq", "mlp"), plan)
+    out = _proj(g, lw.down, "btf,fd->btd", pair("down"), s, _LORA_EQ["down"])
+    if cfg.sandwich_norms:
+        out = layers.rms_norm(out, lw.post_mlp_norm, cfg.rms_norm_eps, cfg.norm_plus_one)
+    x = sharding.constrain(x + out, ("batch", "seq", "embed"), plan)
+    return x, out_kv
 
 
-def _scan_layers(layer_params, x, cfg, cache, prefix, remat, common):
-    """The layers as one ``lax.scan`` over stacked parameters (and stacked caches)."""
+def forward(weights: Weights, cfg: ModelConfig, tokens: jax.Array, positions: jax.Array, *,
+            prefix: Optional[Prefix] = None, lora: Optional[LoraWeights] = None, attn_impl: str = "xla",
+            remat: Optional[str] = None, keep_kv: bool = False, plan=None) -> tuple[jax.Array, Optional[KV]]:
+    """Runs the decoder over tokens [B, T] at ``positions`` [B, T] (negative = padding), layers scanned.
+
+    ``prefix`` is a grouped prefix [E, P] shared by B / E consecutive rows each (cascade attention).
+    ``lora`` adds its side path to every targeted projection. With ``keep_kv`` the chunk's keys and values
+    come back (stacked over layers) to seed a decode cache.
+    Returns (final-normed hidden states [B, T, D], :class:`KV` or None). Apply :func:`logits` to the
+    positions you need: [B, T, V] for a long prefill is rarely wanted.
+    """
+    if attn_impl not in layers.ATTENTION_IMPLS:
+        raise ValueError(f"attn_impl must be one of {layers.ATTENTION_IMPLS}, got {attn_impl!r}")
     if remat not in REMAT_POLICIES:
         raise ValueError(f"remat must be one of {list(REMAT_POLICIES)}, got {remat!r}")
-    sliding = jnp.asarray(np.array(cfg.sliding_layers, dtype=bool))
-    stack = lambda a: a if not isinstance(a, (list, tuple)) else jnp.stack(a)
-    xs = {"lp": layer_params, "sliding": sliding}
-    if cache is not None:
-        xs["ck"], xs["cv"] = stack(cache.k), stack(cache.v)
+    positions = positions.astype(jnp.int32)
+    own_pos = key_positions(positions)
+    rope = _rope(cfg, positions)
+    x = embed(weights, cfg, tokens, plan)
+    xs = {"lw": weights.layers, "sliding": jnp.asarray(np.array(cfg.sliding_layers, dtype=bool))}
     if prefix is not None:
-        xs["pk"], xs["pv"] = stack(prefix.k), stack(prefix.v)
+        xs["pk"], xs["pv"] = prefix.kv.k, prefix.kv.v
+    if lora is not None:
+        xs["lora"] = lora
 
     def body(x, xs):
-        x, kv = _layer(
-            xs["lp"], x, cfg, window=L.layer_window(cfg, xs["sliding"]),
-            cache_kv=(xs["ck"], xs["cv"]) if cache is not None else None,
-            prefix_kv=(xs["pk"], xs["pv"], prefix.pos) if prefix is not None else None,
-            **common,
-        )
-        return x, kv
+        x, kv = _layer(xs["lw"], x, cfg, rope=rope, q_pos=positions, window=layers.layer_window(cfg, xs["sliding"]),
+                       own_pos=own_pos, cache=None,
+                       prefix_kv=(xs["pk"], xs["pv"], prefix.kv.pos) if prefix is not None else None,
+                       attn_impl=attn_impl, lora=xs.get("lora"), plan=plan)
+        return x, (kv if keep_kv else None)
 
     if REMAT_POLICIES[remat] is not None:
         body = jax.checkpoint(body, policy=REMAT_POLICIES[remat], prevent_cse=False)
     x, kv = jax.lax.scan(body, x, xs)
-    if cache is None:
-        return x, None
-    k, v = kv
-    if isinstance(cache.k, (list, tuple)):
-        k, v = list(k), list(v)
-    return x, KVCache(k=k, v=v, pos=common["cache_pos"])
+    x = layers.rms_norm(x, weights.final_norm, cfg.rms_norm_eps, cfg.norm_plus_one)
+    return x, (KV(k=kv[0], v=kv[1], pos=own_pos) if keep_kv else None)
 
 
-def padded_positions(mask: jax.Array) -> jax.Array:
-    """Positions [B, T] for a left- or right-padded batch: 0.. over real tokens, -1 at padding."""
-    mask = mask.astype(jnp.int32)
-    return jnp.where(mask > 0, jnp.cumsum(mask, axis=-1) - 1, -1)
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class DecodeView:
+    """The weights as decode reads them: one :class:`LayerWeights` per layer (see :func:`decode_view`)."""
+
+    embed: jax.Array
+    layers: tuple
+    final_norm: jax.Array
+    lm_head: Optional[jax.Array] = None
 
 
-def forward_logits(params, cfg: ModelConfig, tokens, mask=None, *, attn_impl: str = "xla", remat=None) -> jax.Array:
+def decode_view(weights: Weights) -> DecodeView:
+    """Per-layer slices of the stacked weights, for :func:`decode_step`. Take it inside jit once per
+    generation, before the decode loop, so that the loop reads separate per-layer arrays."""
+    return DecodeView(embed=weights.embed, layers=weights.per_layer(), final_norm=weights.final_norm,
+                      lm_head=weights.lm_head)
+
+
+def decode_step(view: DecodeView, cfg: ModelConfig, tokens: jax.Array, positions: jax.Array, cache: DecodeCache,
+                index, *, prefix: Optional[tuple] = None, attn_impl: str = "xla",
+                plan=None) -> tuple[jax.Array, DecodeCache]:
+    """One chunk (usually one token) per row: tokens, positions [B, T] written at slot ``index`` of the cache,
+    layers unrolled. ``prefix`` = (per-layer keys, per-layer values, positions [E, P]) of a grouped prefix.
+    Returns (final-normed hidden states [B, T, D], updated cache)."""
+    positions = positions.astype(jnp.int32)
+    rope = _rope(cfg, positions)
+    cache_pos = jax.lax.dynamic_update_slice(cache.pos, key_positions(positions), (0, index))
+    x = embed(view, cfg, tokens, plan)
+    new_k, new_v = [], []
+    for i, lw in enumerate(view.layers):
+        x, (ck, cv) = _layer(lw, x, cfg, rope=rope, q_pos=positions,
+                             window=layers.layer_window(cfg, cfg.sliding_layers[i]), own_pos=None,
+                             cache=(cache.k[i], cache.v[i], cache_pos, index),
+                             prefix_kv=None if prefix is None else (prefix[0][i], prefix[1][i], prefix[2]),
+                             attn_impl=attn_impl, lora=None, plan=plan)
+        new_k.append(sharding.constrain(ck, ("cache_batch", "cache_seq", "cache_heads", "head_dim"), plan))
+        new_v.append(sharding.constrain(cv, ("cache_batch", "cache_seq", "cache_heads", "head_dim"), plan))
+    x = layers.rms_norm(x, view.final_norm, cfg.rms_norm_eps, cfg.norm_plus_one)
+    return x, DecodeCache(k=tuple(new_k), v=tuple(new_v), pos=cache_pos)
+
+
+def forward_logits(weights: Weights, cfg: ModelConfig, tokens, mask=None, *, attn_impl: str = "xla", remat=None,
+                   lora: Optional[LoraWeights] = None, plan=None) -> jax.Array:
     """Full-sequence logits [B, T, V] (float32) for a padded batch; ``mask`` [B, T] marks real tokens."""
     if mask is None:
         mask = jnp.ones(tokens.shape, jnp.int32)
-    hidden, _ = forward(params, cfg, tokens, padded_positions(mask), attn_impl=attn_impl, remat=remat)
-    return logits(params, cfg, hidden)
+    hidden, _ = forward(weights, cfg, tokens, padded_positions(mask), attn_impl=attn_impl, remat=remat, lora=lora,
+                        plan=plan)
+    return logits(weights, cfg, hidden)
+
+
+forward_logits_jit = jax.jit(forward_logits, static_argnames=("cfg", "attn_impl", "remat", "plan"))

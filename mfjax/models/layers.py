@@ -55,11 +55,26 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None) -> n
     return np.where(medium, smoothed, scaled).astype(np.float32)
 
 
-def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
-    """Rotates x [B, T, heads, H] by angles positions[B, T] × inv_freq (half-split layout, as HF)."""
-    angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)  # [B, T, H/2]
-    cos = jnp.cos(angles)[:, :, None, :]
-    sin = jnp.sin(angles)[:, :, None, :]
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class Rope:
+    """cos and sin [B, T, H/2] (float32) of the rotary angles at some positions: computed once per forward
+    and shared by every layer."""
+
+    cos: jax.Array
+    sin: jax.Array
+
+
+def rope_tables(positions: jax.Array, inv_freq: np.ndarray) -> Rope:
+    """The rotary tables at ``positions`` [B, T] (negative positions, i.e. padding, rotate by angle 0)."""
+    angles = jnp.maximum(positions, 0).astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)  # [B, T, H/2]
+    return Rope(cos=jnp.cos(angles), sin=jnp.sin(angles))
+
+
+def apply_rope(x: jax.Array, rope: Rope) -> jax.Array:
+    """Rotates x [B, T, heads, H] by the angles of ``rope`` (half-split layout, as HF)."""
+    cos = rope.cos[:, :, None, :]
+    sin = rope.sin[:, :, None, :]
     x32 = x.astype(jnp.float32)
     x1, x2 = jnp.split(x32, 2, axis=-1)
     rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
@@ -171,17 +186,13 @@ def _attention_dot_product(q, segments, q_pos, *, scale, window, impl):
     return jnp.where(empty[..., None], 0, out).astype(q.dtype)
 
 
-def gated_mlp(x: jax.Array, gate: jax.Array, up: jax.Array, down: jax.Array, act: str) -> jax.Array:
-    """SwiGLU ('silu') or GeGLU ('gelu_tanh') MLP: down(act(x·gate) * (x·up))."""
-    g = jnp.einsum("btd,df->btf", x, gate)
-    u = jnp.einsum("btd,df->btf", x, up)
+def glu(g: jax.Array, u: jax.Array, act: str) -> jax.Array:
+    """The gated unit of a SwiGLU ('silu') or GeGLU ('gelu_tanh') MLP: act(g) * u."""
     if act == "silu":
-        h = jax.nn.silu(g)
-    elif act == "gelu_tanh":
-        h = jax.nn.gelu(g, approximate=True)
-    else:
-        raise ValueError(f"unknown activation {act!r}")
-    return jnp.einsum("btf,fd->btd", h * u, down)
+        return jax.nn.silu(g) * u
+    if act == "gelu_tanh":
+        return jax.nn.gelu(g, approximate=True) * u
+    raise ValueError(f"unknown activation {act!r}")
 
 
 def softcap(x: jax.Array, cap: float | None) -> jax.Array:
