@@ -13,7 +13,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mfjax.engine.generate import generate_tokens_jit, pad_rows
+from mfjax.engine.generate import generate_tokens_jit
+from mfjax.engine.host import pad_rows_host
 from mfjax.engine.score import score_tokens_jit
 from mfjax.sim import lines as LN
 from mfjax.sim import templates as T
@@ -49,6 +50,11 @@ def _comment_list(tt, header, items):
     return out
 
 
+def pad_rows(rows, width, pad_id, left):
+    tokens, lengths = pad_rows_host(rows, width, pad_id, left=left)
+    return jnp.asarray(tokens), jnp.asarray(lengths)
+
+
 def _cleaned(tables, tokens, text_len, pad, tokenizer, expected_fn, raw):
     """The line-handled tokens, checked against SPEC's string operation on the decoded text."""
     out, n = clean_jit(tables, jnp.asarray([tokens]), jnp.asarray([text_len]), pad)
@@ -66,9 +72,9 @@ def reference_world(enc, seed, rcfg, tt, policy_params, policy_cfg, mf_params, m
     B = rcfg.step_size
     policy_lines, mf_lines = lines
     vocab = policy_lines.whitespace.shape[0]
-    eos = set(rcfg.policy.stop_token_ids)
+    eos = set(rcfg.stop_ids)
     policy_stop = jnp.asarray(np.isin(np.arange(vocab), list(eos)))
-    mf_eos = set(rcfg.mean_field.stop_token_ids)
+    mf_eos = eos
     mf_stop = jnp.asarray(np.isin(np.arange(vocab), list(mf_eos)))
     kinds = {}
     for o in overrides:
@@ -95,23 +101,23 @@ def reference_world(enc, seed, rcfg, tt, policy_params, policy_cfg, mf_params, m
         out.policy_prefixes.append(prefix)
         prompts = [prefix + enc.agent_part[a] for a in agents]
         width = max(len(p) for p in prompts)
-        tokens, lens = pad_rows(prompts, width, rcfg.policy.pad_token_id, left=True)
-        real, real_lens = pad_rows([enc.real_action[a] for a in agents], rcfg.action_width,
-                                   rcfg.policy.pad_token_id, left=False)
+        tokens, lens = pad_rows(prompts, width, rcfg.pad_id, left=True)
+        real, real_lens = pad_rows([enc.real_action[a] for a in agents], rcfg.widths.action,
+                                   rcfg.pad_id, left=False)
         logprobs = np.asarray(score_tokens_jit(policy_params, policy_cfg, tokens, lens, real, real_lens))
         warm = k < rcfg.warmup_steps
         if warm:
             generated = [[] for _ in agents]
         else:
             keys = jnp.stack([jax.random.fold_in(jax.random.fold_in(world_key, 0), a) for a in agents])
-            gen = generate_tokens_jit(policy_params, policy_cfg, rcfg.policy, tokens, lens, keys,
+            gen = generate_tokens_jit(policy_params, policy_cfg, rcfg.policy_generate, tokens, lens, keys,
                                       stop_mask=policy_stop, line_stop=policy_lines.stop_rule())
             g_tok, g_len = np.asarray(gen.tokens), np.asarray(gen.lengths)
             generated = []
             for i in range(len(agents)):
                 raw = g_tok[i, :g_len[i]].tolist()
                 n = len(raw) - int(bool(raw) and raw[-1] in eos)  # an end-of-sequence token carries no text
-                generated.append(_cleaned(policy_lines, raw, n, rcfg.policy.pad_token_id, tokenizer, LN.first_line,
+                generated.append(_cleaned(policy_lines, raw, n, rcfg.pad_id, tokenizer, LN.first_line,
                                           raw))
         step_actions = []
         for i, a in enumerate(agents):
@@ -137,12 +143,12 @@ def reference_world(enc, seed, rcfg, tt, policy_params, policy_cfg, mf_params, m
                 prompt += _table_row(tt.mf_line_pre, j) + action + _ids(tt.mf_line_post)
             prompt += _ids(tt.mf_tail)
             out.mf_prompts.append(prompt)
-            p_tok, p_len = pad_rows([prompt], len(prompt), rcfg.mean_field.pad_token_id, left=True)
+            p_tok, p_len = pad_rows([prompt], len(prompt), rcfg.pad_id, left=True)
             key = jax.random.fold_in(jax.random.fold_in(world_key, 1), k)[None]
-            gen = generate_tokens_jit(mf_params, mf_cfg, rcfg.mean_field, p_tok, p_len, key, stop_mask=mf_stop)
+            gen = generate_tokens_jit(mf_params, mf_cfg, rcfg.mean_field_generate, p_tok, p_len, key, stop_mask=mf_stop)
             raw = np.asarray(gen.tokens)[0, :int(gen.lengths[0])].tolist()
             n = len(raw) - int(bool(raw) and raw[-1] in mf_eos)
-            m = _cleaned(mf_lines, raw, n, rcfg.mean_field.pad_token_id, tokenizer, LN.join_lines, raw)
+            m = _cleaned(mf_lines, raw, n, rcfg.pad_id, tokenizer, LN.join_lines, raw)
         out.mean_fields_out.append(list(m))
     return out
 

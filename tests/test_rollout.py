@@ -11,16 +11,19 @@ import jax.numpy as jnp
 
 from mfjax.assets import read_fixture_events
 from mfjax.config import ModelConfig
-from mfjax.engine.generate import GenerateConfig
 from mfjax.engine.sampling import SamplingConfig
 from mfjax.io.tokenizer import Tokenizer
-from mfjax.models.params import init_params, unstack_layers
+from mfjax.models.weights import init_weights
 from mfjax.sim import batch as SB
 from mfjax.sim import lines as LN
+from mfjax.sim import policies, presets
 from mfjax.sim import rollout as R
 from mfjax.sim import templates as T
 from mfjax.sim.prompts import TokenTemplates
+from mfjax.sim.types import Source
 import sim_reference
+
+PAPER_POLICY = presets.resolve(presets.PAPER["policy"])  # T 0.8, top-p 0.85, top-k 50, penalty 1.2
 
 B = 4  # agents per step
 NUM_AGENTS = 12  # 3 steps
@@ -41,7 +44,7 @@ def model(tokenizer):
     """A tiny random Llama over SmolLM2's real byte-level vocabulary (so Chinese text round-trips)."""
     cfg = ModelConfig(model_type="llama", vocab_size=49152, hidden_size=64, intermediate_size=128, num_layers=2,
                       num_heads=4, num_kv_heads=2, head_dim=16, tie_word_embeddings=True)
-    return cfg, unstack_layers(init_params(cfg, jax.random.key(0), std=0.05))
+    return cfg, init_weights(cfg, jax.random.key(0), std=0.05)
 
 
 @pytest.fixture(scope="module")
@@ -61,23 +64,20 @@ def make_rollout(tokenizer, cfg, lines, events, algorithm, *, sampling=None, mes
     encoded = [SB.encode_event(e, tokenizer, tt, num_agents=num_agents, step_size=B, algorithm=algorithm,
                                mf_with_states=mf_with_states, max_action_tokens=max_action_tokens, strict=False)
                for e in events]
-    stop, pad = tokenizer.eos_token_ids, tokenizer.pad_token_id
     greedy = SamplingConfig(temperature=None, repetition_penalty=1.2)
     widths = SB.widths_for(encoded, tt, tokenizer, step_size=B, warmup_steps=1,
                            generated_width=LN.clean_width(lines[0], POLICY_NEW), mf_with_states=mf_with_states,
                            overrides=overrides)
     rcfg = R.RolloutConfig(
         num_steps=-(-max(e.num_agents for e in encoded) // B), algorithm=algorithm, step_size=B, warmup_steps=1,
-        policy=GenerateConfig(max_new_tokens=POLICY_NEW, sampling=sampling or greedy, stop_token_ids=stop,
-                              pad_token_id=pad),
-        mean_field=GenerateConfig(max_new_tokens=mf_tokens, sampling=sampling or greedy, stop_token_ids=stop,
-                                  pad_token_id=pad),
-        mf_with_states=mf_with_states, dump_prompts=dump_prompts, **widths)
+        policy_sampling=sampling or greedy, policy_new_tokens=POLICY_NEW, mf_sampling=sampling or greedy,
+        mf_new_tokens=mf_tokens, mf_min_new_tokens=0, stop_ids=tokenizer.eos_token_ids,
+        pad_id=tokenizer.pad_token_id, mf_with_states=mf_with_states, dump_prompts=dump_prompts, widths=widths)
     return tt, encoded, rcfg, R.Rollout(rcfg, tt, cfg, cfg, lines, mesh=mesh)
 
 
-def run(rollout, params, worlds, rcfg, tokenizer, overrides=OVERRIDES):
-    inputs = SB.stack_worlds(worlds, rcfg, tokenizer, overrides)
+def run(rollout, params, worlds, rcfg, tokenizer, overrides=OVERRIDES, place=jnp.asarray):
+    inputs = jax.tree.map(place, SB.stack_worlds(worlds, rcfg, tokenizer, overrides))
     ys, _ = rollout.run(params, params, inputs)
     return jax.tree.map(np.asarray, ys)
 
@@ -99,7 +99,7 @@ def test_scan_equals_step_by_step_reference(tokenizer, model, lines, events, alg
                                             SB.world_key(seed, enc.event.event_id), tokenizer, overrides)
         for a in range(NUM_AGENTS):
             k, j = divmod(a, B)
-            assert R.SOURCE_NAMES[int(ys.source[k, w, j])] == ref.sources[a]
+            assert Source(int(ys.source[k, w, j])).label == ref.sources[a]
             assert world_tokens(ys, w, "action", "action_len", a) == ref.actions[a], (w, a)
             assert world_tokens(ys, w, "generated", "generated_len", a) == ref.generated[a], (w, a)
             np.testing.assert_allclose(ys.nll[k, w, j], ref.nll[a], rtol=1e-4)
@@ -131,24 +131,33 @@ def test_prompts_in_token_space_equal_spec_text(tokenizer, model, lines, fixture
     states = [T.state_text(a, language=language) for a in agents]
     for algorithm in ("mf", "recent", "popular", "state"):
         tt, encoded, rcfg, rollout = make_rollout(tokenizer, cfg, lines, [event], algorithm, language=language)
-        LA = rcfg.action_width
-        inputs = SB.stack_worlds([(encoded[0], 0)], rcfg, tokenizer)
-        carry = rollout.initial_carry(1)
+        LA = rcfg.widths.action
+        inputs = jax.tree.map(jnp.asarray, SB.stack_worlds([(encoded[0], 0)], rcfg, tokenizer))
         m_text = "多数网友质疑该消息的真实性"
         past = ["求真相", "不信", "转发微博", "顶", "真的假的", "等官方消息"]
         followers = [5, -1, 300, 300, 7, 12]
-        m = jnp.asarray([tokenizer.encode(m_text) + [0] * rollout.mean_field_width])[:, :rollout.mean_field_width]
-        m_len = jnp.asarray([min(len(tokenizer.encode(m_text)), rollout.mean_field_width)])
+        width = rollout.mean_field_width
+        m = jnp.asarray([tokenizer.encode(m_text) + [0] * width])[:, :width]
+        m_len = jnp.asarray([min(len(tokenizer.encode(m_text)), width)])
         m_text = tokenizer.decode(m[0, :m_len[0]].tolist())
         past_tok, past_len = SB._rows([tokenizer.encode(p) for p in past], len(past), LA, 0, "past", "t")
-        carry = R.Carry(
-            m=m, m_len=m_len,
-            recent=jnp.asarray(past_tok[-T.RECENT_K:])[None], recent_len=jnp.asarray(past_len[-T.RECENT_K:])[None],
-            recent_valid=jnp.ones((1, T.RECENT_K), bool),
-            popular=jnp.pad(jnp.asarray(past_tok), ((T.POPULAR_WINDOW - len(past), 0), (0, 0)))[None],
-            popular_len=jnp.pad(jnp.asarray(past_len), (T.POPULAR_WINDOW - len(past), 0))[None],
-            popular_followers=jnp.pad(jnp.asarray(followers), (T.POPULAR_WINDOW - len(past), 0))[None],
-            popular_valid=(jnp.arange(T.POPULAR_WINDOW) >= T.POPULAR_WINDOW - len(past))[None])
+
+        def window(K):
+            pad = K - len(past)
+            return policies.CommentWindow(
+                tokens=jnp.pad(jnp.asarray(past_tok), ((pad, 0), (0, 0)))[None],
+                lengths=jnp.pad(jnp.asarray(past_len), (pad, 0))[None],
+                valid=(jnp.arange(K) >= pad)[None], followers=jnp.pad(jnp.asarray(followers), (pad, 0))[None])
+
+        if algorithm == "mf":
+            state = policies.MeanFieldCarry(m=m, m_len=m_len)
+        elif algorithm == "recent":  # the window holds the last K only
+            state = jax.tree.map(lambda x: x[:, -T.RECENT_K:], window(len(past)))
+        elif algorithm == "popular":
+            state = window(T.POPULAR_WINDOW)
+        else:
+            state = ()
+        carry = R.Carry(algorithm=state)
         prefix, prefix_len = rollout.policy_prefix(inputs, carry)
         prefix_text = tokenizer.decode(np.asarray(prefix)[0, :int(prefix_len[0])].tolist(), skip_special_tokens=False)
         context = T.group_context(algorithm, m=m_text, past_actions=past, past_followers=[
@@ -160,7 +169,7 @@ def test_prompts_in_token_space_equal_spec_text(tokenizer, model, lines, fixture
         if algorithm == "mf":
             actions = [tokenizer.encode(p) for p in past[:B]]
             a_tok, a_len = SB._rows(actions, B, LA, 0, "a", "t")
-            prompt, prompt_len = rollout.mean_field_prompt(inputs, carry, jnp.asarray(a_tok)[None],
+            prompt, prompt_len = rollout.mean_field_prompt(inputs, m, m_len, jnp.asarray(a_tok)[None],
                                                            jnp.asarray(a_len)[None], jnp.ones((1, B), bool), 0)
             text = tokenizer.decode(np.asarray(prompt)[0, :int(prompt_len[0])].tolist(), skip_special_tokens=False)
             expected = head + T.full_text(T.mean_field_segments(event.topic, m_text, past[:B], language=language)) + tail
@@ -173,11 +182,12 @@ def test_mean_field_prompt_with_states_equals_spec_text(tokenizer, model, lines,
     head, tail = tokenizer.chat_template_parts()
     event = events[0]
     tt, encoded, rcfg, rollout = make_rollout(tokenizer, cfg, lines, [event], "mf", mf_with_states=True)
-    inputs = SB.stack_worlds([(encoded[0], 0)], rcfg, tokenizer)
+    inputs = jax.tree.map(jnp.asarray, SB.stack_worlds([(encoded[0], 0)], rcfg, tokenizer))
     actions = ["求真相", "不信", "转发微博", "顶"]
-    a_tok, a_len = SB._rows([tokenizer.encode(a) for a in actions], B, rcfg.action_width, 0, "a", "t")
+    a_tok, a_len = SB._rows([tokenizer.encode(a) for a in actions], B, rcfg.widths.action, 0, "a", "t")
     k = 1  # the second step: agents B .. 2B-1, numbered 1 .. B in the prompt
-    prompt, prompt_len = rollout.mean_field_prompt(inputs, rollout.initial_carry(1), jnp.asarray(a_tok)[None],
+    empty = rollout.initial_carry(1).algorithm
+    prompt, prompt_len = rollout.mean_field_prompt(inputs, empty.m, empty.m_len, jnp.asarray(a_tok)[None],
                                                    jnp.asarray(a_len)[None], jnp.ones((1, B), bool), k)
     text = tokenizer.decode(np.asarray(prompt)[0, :int(prompt_len[0])].tolist(), skip_special_tokens=False)
     states = [T.state_text(a) for a in event.agents[k * B:(k + 1) * B]]
@@ -187,12 +197,12 @@ def test_mean_field_prompt_with_states_equals_spec_text(tokenizer, model, lines,
 def test_seeds_reproducible_and_distinct(tokenizer, model, lines, events):
     cfg, params = model
     tt, encoded, rcfg, rollout = make_rollout(tokenizer, cfg, lines, events[:1], "mf",
-                                              sampling=SamplingConfig.policy())
+                                              sampling=PAPER_POLICY)
     a = run(rollout, params, [(encoded[0], 0), (encoded[0], 1)], rcfg, tokenizer)
     b = run(rollout, params, [(encoded[0], 0), (encoded[0], 1)], rcfg, tokenizer)
     np.testing.assert_array_equal(a.action, b.action)
     np.testing.assert_array_equal(a.mean_field, b.mean_field)
-    generated = a.source[:, 0] == R.SOURCE_GENERATED
+    generated = a.source[:, 0] == Source.GENERATED
     assert generated.any()
     assert not np.array_equal(a.generated[:, 0][generated], a.generated[:, 1][generated])
     # A world's rollout does not depend on its batch: seed 1 alone in slot 0 equals slot 1 above.
@@ -209,12 +219,16 @@ def test_sharded_equals_unsharded(tokenizer, model, lines, events, shape):
     mesh = sharding.make_mesh(shape)
     worlds = [(None, s) for s in range(mesh.shape["data"])]
     tt, encoded, rcfg, plain = make_rollout(tokenizer, cfg, lines, events[:1], "mf",
-                                            sampling=SamplingConfig.policy())
+                                            sampling=PAPER_POLICY)
     worlds = [(encoded[0], s) for s, _ in enumerate(worlds)]
-    *_, sharded = make_rollout(tokenizer, cfg, lines, events[:1], "mf", sampling=SamplingConfig.policy(), mesh=mesh)
+    *_, sharded = make_rollout(tokenizer, cfg, lines, events[:1], "mf", sampling=PAPER_POLICY, mesh=mesh)
     expected = run(plain, params, worlds, rcfg, tokenizer)
-    placed = jax.device_put(params, sharding.param_shardings(cfg, mesh, layers_unstacked=True))
+    from mfjax.models.weights import weight_shardings
+
+    placed = jax.device_put(params, weight_shardings(cfg, mesh))
+    shardings = sharded.input_shardings()
     got = run(sharded, placed, worlds, rcfg, tokenizer)
+    assert shardings.agent_part.spec[0] == "data"  # worlds split over the data axis, by the logical rules
     np.testing.assert_array_equal(got.action, expected.action)
     np.testing.assert_array_equal(got.mean_field, expected.mean_field)
     np.testing.assert_allclose(got.nll, expected.nll, rtol=1e-4)
@@ -232,7 +246,7 @@ def test_short_event_stops_at_its_last_agent(tokenizer, model, lines, events):
     tt, encoded, rcfg, rollout = make_rollout(tokenizer, cfg, lines, [events[0], short], "mf", overrides=())
     assert rcfg.num_steps == 3 and encoded[1].num_agents == 6 and encoded[1].num_steps == 2
     ys = run(rollout, params, [(encoded[0], 0), (encoded[1], 0)], rcfg, tokenizer, overrides=())
-    assert (ys.source[2, 1] == R.SOURCE_NONE).all() and (ys.source[1, 1, 2:] == R.SOURCE_NONE).all()
+    assert (ys.source[2, 1] == Source.NONE).all() and (ys.source[1, 1, 2:] == Source.NONE).all()
     # Step 2 of the short world has no agents: its mean field stays what step 1 wrote.
     np.testing.assert_array_equal(ys.mean_field_out[2, 1], ys.mean_field_out[1, 1])
     assert ys.mean_field_out_len[1, 1] > 0
@@ -260,7 +274,7 @@ def test_real_actions_read_whole(tokenizer, model, lines, events):
     n_long = len(tokenizer.encode(long_text))
     tt, encoded, rcfg, rollout = make_rollout(tokenizer, cfg, lines, [event], "mf", overrides=())
     assert encoded[0].real_action[2] == tokenizer.encode(long_text) and encoded[0].truncated_actions == 0
-    assert rcfg.action_width >= n_long > rollout.generated_width
+    assert rcfg.widths.action >= n_long > rollout.generated_width
     ys = run(rollout, params, [(encoded[0], 0)], rcfg, tokenizer, overrides=())
     assert int(ys.nll_tokens[0, 0, 2]) == n_long  # scored whole
     used = ys.action[0, 0, 2, :ys.action_len[0, 0, 2]].tolist()

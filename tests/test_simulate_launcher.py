@@ -18,7 +18,7 @@ from mfjax.config import ModelConfig
 from mfjax.data.jsonl import event_to_dict, write_jsonl
 from mfjax.io.hf import save_hf
 from mfjax.io.tokenizer import Tokenizer
-from mfjax.models.params import init_params
+from mfjax.models.weights import init_weights
 from mfjax.sim import templates as T
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -32,7 +32,7 @@ def tiny_model_dir(smollm2_dir, tmp_path_factory):
                       num_heads=4, num_kv_heads=2, head_dim=16, tie_word_embeddings=True, eos_token_ids=(2,),
                       bos_token_id=1)
     out = str(tmp_path_factory.mktemp("tiny_llama"))
-    save_hf(out, cfg, init_params(cfg, jax.random.key(0), std=0.05), tokenizer_dir=smollm2_dir)
+    save_hf(out, cfg, init_weights(cfg, jax.random.key(0), std=0.05), tokenizer_dir=smollm2_dir)
     return out
 
 

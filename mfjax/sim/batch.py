@@ -9,19 +9,17 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import zlib
 from typing import Iterable, Mapping, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from mfjax.data.events import Event, select_agents
-from mfjax.engine.generate import pad_rows_host
-from mfjax.sim import rollout as R
-from mfjax.sim import templates as T
+from mfjax.engine.host import pad_rows_host
+from mfjax.sim import templates
 from mfjax.sim.prompts import TokenTemplates
+from mfjax.sim.types import OverrideKind, RolloutInputs, Widths
 
 logger = logging.getLogger(__name__)
 
@@ -155,7 +153,7 @@ def encode_event(event: Event, tokenizer, tt: TokenTemplates, *, num_agents: int
         raise ValueError(f"event {event.event_id} ({event.source_path}) is in {event.language!r} but the "
                          f"templates are {tt.language!r}")
     agents = select_agents(event, num_agents, strict=strict)
-    states = [T.state_text(a, language=event.language) for a in agents]
+    states = [templates.state_text(a, language=event.language) for a in agents]
     actions, truncated = [], 0
     for a in agents:
         ids, cut = cap_action(a.action, tokenizer, max_action_tokens)
@@ -185,7 +183,7 @@ def _round_up(n: int, multiple: int = 64) -> int:
 
 
 def widths_for(encoded: Sequence[EncodedEvent], tt: TokenTemplates, tokenizer, *, step_size: int, warmup_steps: int,
-               generated_width: int, mf_with_states: bool, overrides: Sequence[Override] = ()) -> dict[str, int]:
+               generated_width: int, mf_with_states: bool, overrides: Sequence[Override] = ()) -> Widths:
     """Static buffer widths for these events, rounded up so similar datasets share a compile.
 
     ``action_width`` holds the longest real action whole (and the policy's cleaned output, and every
@@ -215,19 +213,24 @@ def widths_for(encoded: Sequence[EncodedEvent], tt: TokenTemplates, tokenizer, *
                 pre = len(enc.mf_state_line[a]) if mf_with_states else int(line_pre[j])
                 total += pre + action + line_post
             lines_width = max(lines_width, total)
-    return dict(
-        action_width=action_width,
-        policy_head_width=_round_up(max(len(e.policy_head) for e in encoded)),
-        agent_part_width=_round_up(max(longest(e.agent_part) for e in encoded)),
-        mf_head_width=_round_up(max(len(e.mf_head) for e in encoded)),
-        mf_state_line_width=max(1, max(longest(e.mf_state_line) for e in encoded)),
-        mf_lines_width=_round_up(lines_width, 16),
+    return Widths(
+        action=action_width,
+        policy_head=_round_up(max(len(e.policy_head) for e in encoded)),
+        agent_part=_round_up(max(longest(e.agent_part) for e in encoded)),
+        mf_head=_round_up(max(len(e.mf_head) for e in encoded)),
+        mf_state_line=max(1, max(longest(e.mf_state_line) for e in encoded)),
+        mf_lines=_round_up(lines_width, 16),
     )
 
 
 def world_key(seed: int, event_id: str) -> jax.Array:
     """The PRNG key of (seed, event): independent of the batch the world runs in."""
     return jax.random.fold_in(jax.random.key(seed), zlib.crc32(event_id.encode()) & 0x7FFFFFFF)
+
+
+def world_key_data(seed: int, event_id: str) -> np.ndarray:
+    """:func:`world_key` as raw uint32 data (host arrays of every process can hold it)."""
+    return np.asarray(jax.random.key_data(world_key(seed, event_id)))
 
 
 def _rows(rows: Sequence[Sequence[int]], n: int, width: int, pad: int, what: str, event_id: str):
@@ -238,12 +241,14 @@ def _rows(rows: Sequence[Sequence[int]], n: int, width: int, pad: int, what: str
         raise ValueError(f"event {event_id}: {what}: {e}") from None
 
 
-def stack_worlds(worlds: Sequence[tuple[EncodedEvent, int]], rcfg: "R.RolloutConfig", tokenizer,
-                 overrides: Iterable[Override] = ()) -> R.RolloutInputs:
-    """Stacks (encoded event, seed) worlds into :class:`RolloutInputs` (agent slots padded to N).
+def stack_worlds(worlds: Sequence[tuple[EncodedEvent, int]], rcfg, tokenizer,
+                 overrides: Iterable[Override] = ()) -> RolloutInputs:
+    """Stacks (encoded event, seed) worlds into host (numpy) :class:`RolloutInputs` (agent slots padded to
+    the run's N = num_steps × step_size of ``rcfg``, a :class:`mfjax.sim.rollout.RolloutConfig`).
 
     ``overrides`` must have passed :func:`check_overrides` for these events."""
-    N, B, La, pad = rcfg.num_agents, rcfg.step_size, rcfg.action_width, rcfg.policy.pad_token_id
+    w = rcfg.widths
+    N, B, La, pad = rcfg.num_agents, rcfg.step_size, w.action, rcfg.pad_id
     overrides = list(overrides)
     cols = {name: [] for name in ("policy_head", "policy_head_len", "mf_head", "mf_head_len", "agent_part",
                                   "agent_part_len", "mf_state_line", "mf_state_line_len", "real_action",
@@ -253,13 +258,13 @@ def stack_worlds(worlds: Sequence[tuple[EncodedEvent, int]], rcfg: "R.RolloutCon
     for enc, seed in worlds:
         eid = enc.event.event_id
         one = lambda row, width, what: _rows([row], 1, width, pad, what, eid)
-        t, n = one(enc.policy_head, rcfg.policy_head_width, "policy head")
+        t, n = one(enc.policy_head, w.policy_head, "policy head")
         cols["policy_head"].append(t[0]); cols["policy_head_len"].append(n[0])
-        t, n = one(enc.mf_head, rcfg.mf_head_width, "mean-field head")
+        t, n = one(enc.mf_head, w.mf_head, "mean-field head")
         cols["mf_head"].append(t[0]); cols["mf_head_len"].append(n[0])
-        t, n = _rows(enc.agent_part, N, rcfg.agent_part_width, pad, "agent prompt", eid)
+        t, n = _rows(enc.agent_part, N, w.agent_part, pad, "agent prompt", eid)
         cols["agent_part"].append(t); cols["agent_part_len"].append(n)
-        t, n = _rows(enc.mf_state_line, N, rcfg.mf_state_line_width, pad, "mean-field state line", eid)
+        t, n = _rows(enc.mf_state_line, N, w.mf_state_line, pad, "mean-field state line", eid)
         cols["mf_state_line"].append(t); cols["mf_state_line_len"].append(n)
         t, n = _rows(enc.real_action, N, La, pad, "real action", eid)
         cols["real_action"].append(t); cols["real_action_len"].append(n)
@@ -276,15 +281,15 @@ def stack_worlds(worlds: Sequence[tuple[EncodedEvent, int]], rcfg: "R.RolloutCon
             if o.event_id not in (None, eid) or slot >= enc.num_agents:
                 continue
             if o.kind == "intervention":
-                kind[slot] = R.OVERRIDE_INTERVENTION
+                kind[slot] = OverrideKind.INTERVENTION
                 texts[slot] = tokenizer.encode(o.text)
             else:
-                kind[slot] = R.OVERRIDE_KEY_NODE
+                kind[slot] = OverrideKind.KEY_NODE
         t, n = _rows(texts, N, La, pad, "intervention", eid)
         cols["override"].append(kind); cols["override_action"].append(t); cols["override_action_len"].append(n)
-        keys.append(world_key(seed, eid))
-    arrays = {k: jnp.asarray(np.stack(v)) for k, v in cols.items()}
-    return R.RolloutInputs(**arrays, world_key=jnp.stack(keys))
+        keys.append(world_key_data(seed, eid))
+    arrays = {k: np.stack(v) for k, v in cols.items()}
+    return RolloutInputs(**arrays, world_key=np.stack(keys))
 
 
 def pad_worlds(worlds: list, multiple: int) -> tuple[list, int]:
@@ -294,14 +299,3 @@ def pad_worlds(worlds: list, multiple: int) -> tuple[list, int]:
     while len(worlds) % multiple:
         worlds = worlds + [worlds[-1]]
     return worlds, real
-
-
-def output_name(event_id: str, seed: int) -> str:
-    """File name of a world's output (event ids may hold characters unsafe in paths)."""
-    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in event_id)
-    return f"{safe}.seed{seed}.jsonl"
-
-
-def is_done(out_dir: str, event_id: str, seed: int) -> bool:
-    """Whether a world's output was fully written by an earlier run."""
-    return os.path.exists(os.path.join(out_dir, output_name(event_id, seed)))

@@ -16,17 +16,28 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from mfjax.sim import rollout as R
-from mfjax.sim import templates as T
-from mfjax.sim.batch import EncodedEvent, output_name
+from mfjax.sim import policies, templates
+from mfjax.sim.batch import EncodedEvent
+from mfjax.sim.types import Source, StepOutputs
+
+
+def output_name(event_id: str, seed: int) -> str:
+    """File name of a world's output (event ids may hold characters unsafe in paths)."""
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in event_id)
+    return f"{safe}.seed{seed}.jsonl"
+
+
+def is_done(out_dir: str, event_id: str, seed: int) -> bool:
+    """Whether a world's output was fully written by an earlier run (its rows file exists)."""
+    return os.path.exists(os.path.join(out_dir, output_name(event_id, seed)))
 
 
 def _text(tokenizer, tokens: np.ndarray, length: int) -> str:
     return tokenizer.decode(tokens[:length].tolist())
 
 
-def world_records(ys: R.StepOutputs, index: int, enc: EncodedEvent, seed: int, tokenizer,
-                  rcfg: R.RolloutConfig) -> tuple[list[dict], list[dict]]:
+def world_records(ys: StepOutputs, index: int, enc: EncodedEvent, seed: int, tokenizer,
+                  rcfg) -> tuple[list[dict], list[dict]]:
     """(agent rows, mean-field trajectory) of world ``index`` from the stacked step outputs.
 
     ``ys`` holds host numpy arrays shaped [steps, W, B, ...]. Only the event's own steps are read (a
@@ -38,14 +49,14 @@ def world_records(ys: R.StepOutputs, index: int, enc: EncodedEvent, seed: int, t
     event = enc.event
     for k in range(min(enc.num_steps, rcfg.num_steps)):
         m = _text(tokenizer, ys.mean_field[k, index], int(ys.mean_field_len[k, index]))
-        if rcfg.algorithm == "mf":
+        if policies.ALGORITHMS[rcfg.algorithm].uses_mean_field:
             written = _text(tokenizer, ys.mean_field_out[k, index], int(ys.mean_field_out_len[k, index]))
             trajectory.append({"step": k, "mean_field": written})
         for j in range(B):
             agent = k * B + j
             if agent >= enc.num_agents:
                 break
-            state = T.state_text(event.agents[agent], language=event.language)
+            state = templates.state_text(event.agents[agent], language=event.language)
             rows.append({
                 "event_id": event.event_id,
                 "seed": seed,
@@ -55,7 +66,7 @@ def world_records(ys: R.StepOutputs, index: int, enc: EncodedEvent, seed: int, t
                 "real_action": event.agents[agent].action,
                 "generated_action": _text(tokenizer, ys.generated[k, index, j], int(ys.generated_len[k, index, j])),
                 "action": _text(tokenizer, ys.action[k, index, j], int(ys.action_len[k, index, j])),
-                "source": R.SOURCE_NAMES[int(ys.source[k, index, j])],
+                "source": Source(int(ys.source[k, index, j])).label,
                 "mean_field": m,
                 "nll": float(ys.nll[k, index, j]),
                 "nll_tokens": int(ys.nll_tokens[k, index, j]),
@@ -63,8 +74,7 @@ def world_records(ys: R.StepOutputs, index: int, enc: EncodedEvent, seed: int, t
     return rows, trajectory
 
 
-def prompt_records(ys: R.StepOutputs, index: int, enc: EncodedEvent, tokenizer, rcfg: R.RolloutConfig,
-                   num_agents: int) -> list[dict]:
+def prompt_records(ys: StepOutputs, index: int, enc: EncodedEvent, tokenizer, rcfg, num_agents: int) -> list[dict]:
     """The exact prompt text each model read, decoded from the token buffers it was given: the policy
     prompt of the first ``num_agents`` agents and every mean-field prompt of world ``index``."""
     decode = lambda tokens, n: tokenizer.decode(tokens[:int(n)].tolist(), skip_special_tokens=False)
@@ -75,7 +85,7 @@ def prompt_records(ys: R.StepOutputs, index: int, enc: EncodedEvent, tokenizer, 
         for a in range(k * B, min((k + 1) * B, enc.num_agents, num_agents)):
             out.append({"model": "policy", "step": k, "agent": a,
                         "prompt": prefix + tokenizer.decode(enc.agent_part[a], skip_special_tokens=False)})
-        if rcfg.algorithm == "mf":
+        if policies.ALGORITHMS[rcfg.algorithm].uses_mean_field:
             out.append({"model": "mean_field", "step": k, "prompt": decode(ys.mf_prompt[k, index],
                                                                            ys.mf_prompt_len[k, index])})
     return out

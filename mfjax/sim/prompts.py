@@ -21,28 +21,52 @@ import numpy as np
 
 from mfjax.sim import templates as T
 
-Segment = tuple  # (tokens [W, L] int32, lengths [W] int32)
+Segment = tuple  # (tokens [W or 1, L] int32, lengths [W] / scalar) or (tokens [W, L], mask [W, L] bool)
 
 
 # ----------------------------------------------------------------------------------------- in jit
+def _mask(segment: Segment, rows: int) -> tuple[jax.Array, jax.Array]:
+    tokens, lengths_or_mask = segment
+    tokens = jnp.asarray(tokens)
+    tokens = jnp.broadcast_to(tokens, (rows, tokens.shape[-1])).astype(jnp.int32)
+    second = jnp.asarray(lengths_or_mask)
+    if second.ndim == 2:
+        return tokens, jnp.broadcast_to(second, tokens.shape).astype(bool)
+    lengths = jnp.broadcast_to(second, (rows,)).astype(jnp.int32)
+    return tokens, jnp.arange(tokens.shape[1])[None, :] < lengths[:, None]
+
+
 def pack_segments(segments: Sequence[Segment], width: int, pad_id: int = 0) -> tuple[jax.Array, jax.Array]:
     """Concatenates per-row segments into a right-padded buffer [W, width]; returns (tokens, lengths).
 
-    Tokens past a segment's length are skipped; anything past ``width`` is dropped (callers size
-    ``width`` as the sum of the segments' capacities, so nothing is).
+    A segment is (tokens, lengths) — its first ``lengths`` tokens — or (tokens, mask) — the tokens where
+    ``mask`` holds (a block of many short pieces, e.g. a step's agent lines). All segments are laid side by
+    side and compacted in one scatter. Anything past ``width`` is dropped (callers size ``width`` as the
+    sum of the segments' real capacities, so nothing is).
     """
-    W = segments[0][0].shape[0]
-    out = jnp.full((W, width + 1), pad_id, jnp.int32)  # the extra column absorbs skipped writes
-    offset = jnp.zeros((W,), jnp.int32)
-    rows = jnp.arange(W)[:, None]
-    for tokens, lengths in segments:
-        tokens = jnp.broadcast_to(tokens, (W, tokens.shape[-1])).astype(jnp.int32)
-        lengths = jnp.broadcast_to(lengths, (W,)).astype(jnp.int32)
-        j = jnp.arange(tokens.shape[1])[None, :]
-        idx = jnp.where(j < lengths[:, None], jnp.minimum(offset[:, None] + j, width), width)
-        out = out.at[rows, idx].set(tokens)
-        offset = offset + lengths
-    return out[:, :width], jnp.minimum(offset, width)
+    rows = max(jnp.asarray(t).shape[0] for t, _ in segments)
+    pairs = [_mask(seg, rows) for seg in segments]
+    tokens = jnp.concatenate([t for t, _ in pairs], axis=1)
+    keep = jnp.concatenate([m for _, m in pairs], axis=1)
+    out, lengths = compact(tokens, keep, pad_id, width=width)
+    return out, lengths
+
+
+def lines_block(parts: Sequence[Segment], on: jax.Array) -> Segment:
+    """One block of per-line pieces: ``parts`` are [W, B, L_i] tokens with [W, B] lengths (or broadcastable
+    constants); line b is kept where ``on`` [W, B]. Returns (tokens [W, B·ΣL_i], mask) for
+    :func:`pack_segments`: the lines in order, each line's pieces in order."""
+    W, B = on.shape
+    tokens, masks = [], []
+    for piece, lengths in parts:
+        piece = jnp.asarray(piece)
+        piece = jnp.broadcast_to(piece, (W, B, piece.shape[-1])).astype(jnp.int32)
+        lengths = jnp.broadcast_to(jnp.asarray(lengths), (W, B))
+        tokens.append(piece)
+        masks.append((jnp.arange(piece.shape[-1])[None, None, :] < lengths[..., None]) & on[..., None])
+    tokens = jnp.concatenate(tokens, axis=2)
+    mask = jnp.concatenate(masks, axis=2)
+    return tokens.reshape(W, -1), mask.reshape(W, -1)
 
 
 def left_pad(tokens: jax.Array, lengths: jax.Array) -> jax.Array:
@@ -52,17 +76,20 @@ def left_pad(tokens: jax.Array, lengths: jax.Array) -> jax.Array:
     return jnp.take_along_axis(tokens, idx, axis=1)
 
 
-def compact(tokens: jax.Array, keep: jax.Array, pad_id: int = 0) -> tuple[jax.Array, jax.Array]:
-    """Keeps the tokens where ``keep`` [W, L], in order, right-padded; returns (tokens, lengths)."""
+def compact(tokens: jax.Array, keep: jax.Array, pad_id: int = 0, width: int | None = None):
+    """Keeps the tokens where ``keep`` [W, L], in order, right-padded to ``width`` (default L); returns
+    (tokens, lengths)."""
     W, L = tokens.shape
-    dest = jnp.where(keep, jnp.cumsum(keep, axis=1) - 1, L)
-    out = jnp.full((W, L + 1), pad_id, jnp.int32).at[jnp.arange(W)[:, None], dest].set(tokens)
-    return out[:, :L], jnp.sum(keep, axis=1).astype(jnp.int32)
+    width = L if width is None else width
+    dest = jnp.where(keep, jnp.cumsum(keep, axis=1) - 1, width)
+    dest = jnp.minimum(dest, width)
+    out = jnp.full((W, width + 1), pad_id, jnp.int32).at[jnp.arange(W)[:, None], dest].set(tokens.astype(jnp.int32))
+    return out[:, :width], jnp.minimum(jnp.sum(keep, axis=1), width).astype(jnp.int32)
 
 
 def constant(table: "Piece") -> Segment:
     """A constant piece as a segment (broadcast over rows by :func:`pack_segments`)."""
-    return jnp.asarray(table.tokens)[None, :], jnp.asarray(len(table.tokens), jnp.int32)
+    return jnp.asarray(table.tokens, jnp.int32).reshape(1, -1), jnp.asarray(len(table.tokens), jnp.int32)
 
 
 def gated(segment: Segment, on: jax.Array) -> Segment:
