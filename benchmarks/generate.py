@@ -214,11 +214,12 @@ def run_ours(cfg, params, case: Case, variant: str, attn_impl: str, dtype, repea
     import numpy as np
 
     from mfjax.engine.generate import GenerateConfig, generate_tokens_jit, prefill_prefix_jit
-    from mfjax.engine.sampling import SamplingConfig, row_keys
+    from mfjax.engine.sampling import row_keys
+    from mfjax.sim import presets
 
     result = {"case": case.name, "engine": "mfjax", "variant": variant, "attn_impl": attn_impl}
     cascade = variant == "cascade" and case.prefix > 0
-    gcfg = GenerateConfig(max_new_tokens=case.new, min_new_tokens=case.new, sampling=SamplingConfig.policy(),
+    gcfg = GenerateConfig(max_new_tokens=case.new, min_new_tokens=case.new, sampling=presets.resolve(presets.PAPER["policy"]),
                           stop_token_ids=tuple(t for t in STOP_IDS if t < cfg.vocab_size) or (1,),
                           pad_token_id=0, attn_impl=attn_impl)
     prefix, own = make_inputs(case, cfg.vocab_size)
@@ -315,14 +316,14 @@ def main(argv):
     import jax.numpy as jnp
 
     from mfjax.config import ModelConfig
-    from mfjax.models.params import init_params, unstack_layers
+    from mfjax.models.weights import init_weights
 
     backend = jax.default_backend()
     kind = jax.devices()[0].device_kind
     cfg = ModelConfig.from_hf(hf_cfg)
     dtype = jnp.dtype(DTYPE.value)
     print(f"device: {kind} ({backend}); {cfg.param_count / 1e9:.3f} B params, {DTYPE.value}", flush=True)
-    params = unstack_layers(init_params(cfg, jax.random.key(0), dtype=dtype))
+    params = init_weights(cfg, jax.random.key(0), dtype=dtype)
     jax.block_until_ready(params)
     for case in cases:
         for variant in VARIANTS.value:

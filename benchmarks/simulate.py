@@ -367,7 +367,7 @@ def measured_lengths(ys, inputs, tt, rollout, workload: Workload) -> dict:
     """Real (unpadded) token counts of every policy prefix, own part and mean-field prompt of the run."""
     import numpy as np
 
-    from mfjax.sim import rollout as R
+    from mfjax.sim.types import Source
 
     open_, close, profile = len(tt.mf_ctx_open.tokens), len(tt.mf_ctx_close.tokens), len(tt.profile.tokens)
     line_pre = np.asarray(tt.mf_line_pre.lengths)
@@ -387,82 +387,66 @@ def measured_lengths(ys, inputs, tt, rollout, workload: Workload) -> dict:
             prefix = int(head_len[w]) + (open_ + m + close if m > 0 else 0) + profile
             mf_prompt = int(mf_head_len[w]) + m + fixed_mf + int(np.sum((line_pre[:B] + action_len[k, w] + line_post)[v]))
             worlds.append({"prefix": prefix, "own": agent_len[w, sl][v].tolist(), "mf_prompt": mf_prompt})
-        steps.append({"generated": bool((source[k] == R.SOURCE_GENERATED).any()), "worlds": worlds})
+        steps.append({"generated": bool((source[k] == Source.GENERATED).any()), "worlds": worlds})
     gen = [w for s in steps if s["generated"] for w in s["worlds"]]
     own = [o for w in gen for o in w["own"]]
+    widths = rollout.rcfg.widths
     return {
         "steps": steps, "policy_new": workload.policy_new, "mf_new": workload.mf_new,
         "mean_policy_prefix_tokens": float(np.mean([w["prefix"] for w in gen])),
         "mean_policy_own_tokens": float(np.mean(own)),
         "mean_policy_prompt_tokens": float(np.mean([w["prefix"] + o for w in gen for o in w["own"]])),
         "mean_mf_prompt_tokens": float(np.mean([w["mf_prompt"] for s in steps for w in s["worlds"]])),
-        "padded": {"policy_prefix": rollout.prefix_width, "policy_own": rollout.rcfg.agent_part_width,
-                   "mf_prompt": rollout.mf_prompt_width, "action": rollout.rcfg.action_width},
+        "padded": {"policy_prefix": rollout.prefix_width, "policy_own": widths.agent_part,
+                   "mf_prompt": rollout.mf_prompt_width, "action": widths.action},
     }
 
 
 def run_ours(hf_cfg: dict, tokenizer, events, workload: Workload, dtype_name: str, repeats: int) -> tuple[dict, dict]:
+    """mfjax through the library entry point (:class:`mfjax.sim.simulate.Simulation`), all events in one batch."""
     import jax
     import jax.numpy as jnp
     import numpy as np
 
-    from mfjax.config import ModelConfig
-    from mfjax.engine.api import default_attn_impl
-    from mfjax.engine.generate import GenerateConfig
-    from mfjax.engine.sampling import SamplingConfig
-    from mfjax.models.params import init_params, unstack_layers
-    from mfjax.sim import batch as SB
-    from mfjax.sim import lines as LN
-    from mfjax.sim import rollout as R
-    from mfjax.sim.prompts import TokenTemplates
+    from mfjax.config import ModelConfig, default_attn_impl
+    from mfjax.models.module import CausalLM
+    from mfjax.sim.simulate import Simulation, SimulationConfig
+    from mfjax.sim.types import Source
 
     result = {"engine": "mfjax"}
     cfg = ModelConfig.from_hf(hf_cfg)
     attn_impl = default_attn_impl() if ATTN.value == "auto" else ATTN.value
     result["attn_impl"] = attn_impl
-    params = unstack_layers(init_params(cfg, jax.random.key(SEED.value), dtype=jnp.dtype(dtype_name)))
-    jax.block_until_ready(params)
-
-    B = workload.step_size
-    tt = TokenTemplates.build(tokenizer, "zh", chat=CHAT.value, step_size=B)
-    encoded = [SB.encode_event(e, tokenizer, tt, num_agents=workload.num_agents, step_size=B, algorithm="mf",
-                               mf_with_states=False) for e in events]
-    pad = tokenizer.pad_token_id
-    # Pass-through line tables: the policy's first-line stop is off, the mean field keeps every token.
-    lines = (LN.passthrough_tables(cfg.vocab_size, LN.FIRST_LINE), LN.passthrough_tables(cfg.vocab_size, LN.JOIN))
-    widths = SB.widths_for(encoded, tt, tokenizer, step_size=B, warmup_steps=workload.warmup_steps,
-                           generated_width=LN.clean_width(lines[0], workload.policy_new), mf_with_states=False)
-    rcfg = R.RolloutConfig(
-        num_steps=workload.num_steps, algorithm="mf", step_size=B, warmup_steps=workload.warmup_steps,
-        # No stop tokens on either side: random weights, full-length generation (see the module doc).
-        policy=GenerateConfig(max_new_tokens=workload.policy_new, sampling=SamplingConfig.policy(),
-                              stop_token_ids=(), pad_token_id=pad, attn_impl=attn_impl),
-        mean_field=GenerateConfig(max_new_tokens=workload.mf_new, sampling=SamplingConfig.mean_field(),
-                                  stop_token_ids=(), pad_token_id=pad, attn_impl=attn_impl),
-        score_real=SCORE_REAL.value, attn_impl=attn_impl, **widths)
-    rollout = R.Rollout(rcfg, tt, cfg, cfg, lines)
-    inputs = SB.stack_worlds([(enc, SEED.value) for enc in encoded], rcfg, tokenizer)
-    jax.block_until_ready(inputs)
+    model = CausalLM.random(cfg, seed=SEED.value, dtype=jnp.dtype(dtype_name), attn_impl=attn_impl)
+    jax.block_until_ready(model.weights())
+    config = SimulationConfig(
+        algorithm="mf", num_agents=workload.num_agents, step_size=workload.step_size,
+        warmup_steps=workload.warmup_steps, seeds=(SEED.value,), worlds_per_batch=workload.num_events,
+        policy_new_tokens=workload.policy_new, mf_new_tokens=workload.mf_new, mf_min_new_tokens=0,
+        chat=CHAT.value, score_real=SCORE_REAL.value, attn_impl=attn_impl,
+        # No stop tokens and no line handling: random weights, full-length generation (see the module doc).
+        stop_ids=(), line_handling=False)
+    sim = Simulation(events, tokenizer, config, dtype=dtype_name)
 
     def once():
         start = time.perf_counter()
-        ys, _ = rollout.run(params, params, inputs)
-        jax.block_until_ready(ys)
-        return time.perf_counter() - start, ys
+        out = sim.run(model, keep_arrays=True)
+        return time.perf_counter() - start, out
 
-    first, ys = once()
+    first, out = once()
     print(f"  ours: first call (compile + run) {first:.2f}s", flush=True)
     times = []
     for i in range(repeats):
-        t, ys = once()
+        t, out = once()
         times.append(t)
         print(f"  ours: timed run {i + 1}/{repeats}: {t:.3f}s", flush=True)
     wall = statistics.median(times)
-    ys = jax.tree.map(np.asarray, ys)
+    (inputs, ys), = out.batches
+    rollout = sim.rollout()
     source, valid = ys.source, np.asarray(inputs.agent_valid)
-    generated = int((source == R.SOURCE_GENERATED).sum())
+    generated = int((source == Source.GENERATED).sum())
     all_agents = int(valid.sum())
-    gen_len = ys.generated_len[source == R.SOURCE_GENERATED]
+    gen_len = ys.generated_len[source == Source.GENERATED]
     assert (gen_len == workload.policy_new).all(), f"actions of {sorted(set(gen_len.tolist()))} tokens, not {workload.policy_new}"
     assert (ys.mean_field_len[1:] == workload.mf_new).all(), "a mean field shorter than its max_new_tokens"
     assert generated == workload.num_events * workload.generated_per_event, generated
@@ -470,9 +454,9 @@ def run_ours(hf_cfg: dict, tokenizer, events, workload: Workload, dtype_name: st
     result.update(
         wall_s=wall, times_s=times, first_call_s=first, compile_s=first - wall, generated_agents=generated,
         all_agents=all_agents, mf_calls=workload.num_events * workload.num_steps, score_real=SCORE_REAL.value,
-        sample_action=tokenizer.decode(ys.action[workload.warmup_steps, 0, 0, :ys.action_len[workload.warmup_steps, 0, 0]]),
+        sample_action=out.worlds[0].rows[workload.warmup_steps * workload.step_size]["action"],
     )
-    lengths = measured_lengths(ys, inputs, tt, rollout, workload)
+    lengths = measured_lengths(ys, inputs, rollout.tt, rollout, workload)
     context = {"cfg": cfg, "lengths": lengths, "dtype_bytes": jnp.dtype(dtype_name).itemsize,
                "backend": jax.default_backend(), "kind": jax.devices()[0].device_kind, "jax": jax.__version__}
     return result, context
