@@ -14,7 +14,9 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["mfjax", "mfjax.*"]),
-    package_data={"mfjax.assets": ["events/*.jsonl"]},
+    package_data={"mfjax.assets": ["events/*.jsonl"],
+                  "mfjax.eval.lexicons": ["*.json", "SOURCE.md"],
+                  "mfjax.eval": ["status.json"]},
     include_package_data=True,
     python_requires=">=3.11",
     install_requires=[
