@@ -122,7 +122,8 @@ def paired_bootstrap(values_a: Mapping, values_b: Mapping, *, n_resamples: int =
     with np.errstate(divide="ignore", invalid="ignore"):
         rel = ra / rb - 1
         rel_mean = mean_a / mean_b - 1 if mean_b else float("nan")
-    r_lo, r_hi = np.nanpercentile(rel, q) if np.isfinite(rel).any() else (float("nan"),) * 2
+    rel = rel[np.isfinite(rel)]  # resamples whose reference mean is 0 have no relative change
+    r_lo, r_hi = np.percentile(rel, q) if rel.size else (float("nan"),) * 2
     return {"diff": Estimate(mean_a - mean_b, float(d_lo), float(d_hi), len(keep), worlds).as_dict(),
             "relative": Estimate(float(rel_mean), float(r_lo), float(r_hi), len(keep), worlds).as_dict()}
 
