@@ -14,7 +14,7 @@ import unicodedata
 
 # A forward chain starts at "//" (CED: "//<parent text>", rumdect: "//@name:…"), but not the "//"
 # of a URL scheme ("http://").
-_CHAIN = re.compile(r"(?<![:：a-zA-Z])//")
+_CHAIN = re.compile(r"(?<![:：])//")
 # A retweet: "RT @user: …" (anything after it is someone else's tweet).
 _RETWEET = re.compile(r"(?:^|\s)RT\s*@\S+", re.I)
 _MENTION = re.compile(r"@[^\s@:：,，.。!！?？;；/()（）\[\]【】\"'“”]+")

@@ -86,6 +86,10 @@ class ZhRules:
         if dutir is None:
             logger.warning("cntext is not installed: the zh rules run without the DUTIR lexicon "
                            "(pip install --no-deps cntext)")
+        # Words about truth (谣言, 辟谣, 证实 …) sit in DUTIR's 恶 / 好 classes but belong to the belief
+        # dimension, not to emotion: they cast no state or polarity vote.
+        ignore = set(cues.get("dutir_ignore", ()))
+        dutir = {c: [w for w in ws if w not in ignore] for c, ws in dutir.items()} if dutir else None
         self._dutir = lexicons.word_to_states(dutir, DUTIR_STATES, min_len=2)
         self._dutir_polarity = {w: sum(DUTIR_POLARITY[c] for c in cats)
                                 for w, cats in lexicons.word_to_states(
