@@ -117,21 +117,28 @@ def f1_scores(real: Sequence[Optional[str]], sim: Sequence[Optional[str]], dimen
     """
     if len(real) != len(sim):
         raise ValueError("real and sim must be aligned (same length)")
-    pairs = [(r, s) for r, s in zip(real, sim) if r is not None and s is not None]
-    out = {"n": len(pairs), "skipped_null": len(real) - len(pairs)}
-    if not pairs:
-        return dict(out, micro_f1=float("nan"), macro_f1=float("nan"))
-    values = schema.VALUES[dimension]
-    f1s = []
-    for v in values:
-        tp = sum(1 for r, s in pairs if r == v and s == v)
-        fp = sum(1 for r, s in pairs if r != v and s == v)
-        fn = sum(1 for r, s in pairs if r == v and s != v)
-        if tp + fp + fn == 0:
-            continue  # class absent from both sides
-        f1s.append(2 * tp / (2 * tp + fp + fn))
-    micro = sum(1 for r, s in pairs if r == s) / len(pairs)
-    return dict(out, micro_f1=micro, macro_f1=float(np.mean(f1s)))
+    r, s = codes(real, dimension), codes(sim, dimension)
+    out = f1_from_codes(r, s, len(schema.VALUES[dimension]))
+    return dict(out, skipped_null=int(len(real) - out["n"]))
+
+
+def codes(labels: Sequence[Optional[str]], dimension: str) -> np.ndarray:
+    """Integer codes of labels, -1 for null."""
+    index = {v: i for i, v in enumerate(schema.VALUES[dimension])}
+    return np.array([-1 if x is None else index[x] for x in labels], dtype=np.int64)
+
+
+def f1_from_codes(real: np.ndarray, sim: np.ndarray, k: int) -> dict:
+    """Micro / macro-F1 from aligned code arrays (-1 = null, skipped), through a confusion matrix."""
+    keep = (real >= 0) & (sim >= 0)
+    n = int(keep.sum())
+    if n == 0:
+        return {"n": 0, "micro_f1": float("nan"), "macro_f1": float("nan")}
+    m = np.bincount(real[keep] * k + sim[keep], minlength=k * k).reshape(k, k)
+    tp = np.diag(m).astype(np.float64)
+    denom = 2 * tp + (m.sum(axis=0) - tp) + (m.sum(axis=1) - tp)
+    present = denom > 0  # classes absent from both sides do not count
+    return {"n": n, "micro_f1": float(tp.sum() / n), "macro_f1": float(np.mean(2 * tp[present] / denom[present]))}
 
 
 def nll_summary(rows: Iterable[dict]) -> dict:
