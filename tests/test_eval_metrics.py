@@ -31,8 +31,7 @@ def test_kl_matches_scipy_entropy_on_smoothed_vectors(alpha):
 
 
 def test_kl_hand_case():
-    # real = [3, 1], sim = [1, 3], α = 0.5: p = [3.5/5, 1.5/5], q = [1.5/5, 3.5/5].
-    p, q = np.array([0.7, 0.3]), np.array([0.3, 0.7])
+    # real = [3, 1], sim = [1, 3], α = 0.5: p = [3.5/5, 1.5/5] = [0.7, 0.3], q = [0.3, 0.7].
     expected = 0.7 * math.log(0.7 / 0.3) + 0.3 * math.log(0.3 / 0.7)
     assert metrics.kl_divergence([3, 1], [1, 3], alpha=0.5) == pytest.approx(expected)
     assert metrics.kl_divergence([2, 2], [2, 2]) == 0.0
