@@ -46,8 +46,9 @@ class FakeClock(http.Clock):
 class Server:
     """Scripted fake chat-completions endpoint; `script[first id]` lists behaviours per attempt."""
 
-    def __init__(self, script=None, delay=0.05):
+    def __init__(self, script=None, delay=0.05, answer=None):
         self.script = script or {}
+        self.answer = answer or expected_labels
         self.delay = delay
         self.requests = []
         self.attempts = {}
@@ -112,7 +113,7 @@ class Server:
             time.sleep(1.5)
             self._send(handler, 200, {"choices": []})
             return True
-        answers = [dict(expected_labels(it["text"]), id=it["id"]) for it in items]
+        answers = [dict(self.answer(it["text"]), id=it["id"]) for it in items]
         answers.reverse()  # shuffled: never in request order
         content = json.dumps({"items": answers})
         if action == "malformed":
@@ -263,6 +264,19 @@ def test_budget_stop_keeps_the_cache_and_resumes(tmp_path, key_env):
     check_aligned(resumed, pop)
 
 
+def test_identical_texts_are_sent_once(tmp_path, key_env):
+    server = Server()
+    comments = [Comment(f"c{i}", "comment 4 headline", "en") for i in range(3)] + [Comment("d", "comment 5 x", "en")]
+    pop = Population("t/e", "topic", "en", comments)
+    try:
+        labels = make_judge(server, tmp_path, FakeClock()).label(pop)
+    finally:
+        server.close()
+    assert sorted(server.sent_ids()) == ["c0", "d"]
+    assert labels["c1"] == labels["c2"] == labels["c0"] == dict(expected_labels("comment 4 headline"))
+    assert set(labels) == {"c0", "c1", "c2", "d"}
+
+
 def test_duplicate_ids_are_asked_again_and_non_retryable_status_fails_fast(tmp_path, key_env):
     server = Server({"c00": ["duplicate"], "c05": ["400"]})
     clock = FakeClock()
@@ -315,3 +329,69 @@ def test_version_names_model_prompt_and_schema():
     j = J.Judge(config, "zh")
     assert j.version.startswith("judge/m-2024/p") and f"/s{schema.schema_hash()}" in j.version
     assert J.prompt_hash("zh") != J.prompt_hash("en")
+
+
+def hashed_labels(text: str) -> dict:
+    """A fake model's answer for any text: each value picked by a hash of the text."""
+    import hashlib
+
+    h = int(hashlib.sha256(text.encode("utf-8")).hexdigest(), 16)
+    out = {}
+    for i, (dim, values) in enumerate(schema.VALUES.items()):
+        out[dim] = values[(h >> (3 * i)) % len(values)]
+    return dict(out, keywords=[text[:2]])
+
+
+def test_evaluation_with_the_api_judge_end_to_end(tmp_path, key_env):
+    from eval_fixtures import make_events, make_run
+
+    from mfjax.eval import evaluation, pipeline
+
+    events_path = tmp_path / "events.jsonl"
+    events = make_events(events_path, n_events=2)
+    make_run(tmp_path / "mf", events_path, events, "mf")
+    make_run(tmp_path / "state", events_path, events, "state")
+    server = Server(answer=hashed_labels, delay=0.0)
+
+    def factory(max_tokens=None):
+        def make(language):
+            config = J.JudgeConfig(base_url=server.url, model="fake-model-2024-01-01", api_key_env=KEY_ENV,
+                                   concurrency=4, timeout_s=5, seed=7, max_total_tokens=max_tokens,
+                                   cache_dir=str(tmp_path / "judge_cache"))
+            return J.Judge(config, language, client=http.JsonClient(clock=FakeClock()))
+        return make
+
+    def options(out, **kw):
+        return evaluation.Options(runs=[f"mf={tmp_path / 'mf'}", f"state={tmp_path / 'state'}"], out_dir=str(out),
+                                  labeler="api", judge_model="fake-model-2024-01-01", progress=False,
+                                  settings=pipeline.Settings(n_bootstrap=100), **kw)
+
+    try:
+        # A budget too small for everything: the job stops cleanly and withholds every dimension.
+        partial = evaluation.run(options(tmp_path / "partial", judge_factory=factory(max_tokens=3000)))
+        assert 0 < partial["coverage"]["labelled"] < partial["coverage"]["comments"]
+        assert set(partial["withheld"]) == set(schema.CATEGORICAL) and not partial["reportable"]
+        assert all("labels incomplete" in reason for reason in partial["withheld"].values())
+        sent_partial = len(server.requests)
+        # Rerun with room: resumes from the judge cache, then reports every dimension.
+        full = evaluation.run(options(tmp_path / "full", judge_factory=factory()))
+        # The judge is the run's own model: refused before any labelling.
+        with pytest.raises(evaluation.EvaluationError, match="favours its own text"):
+            evaluation.prepare(dataclasses_replace(options(tmp_path / "x", judge_factory=factory()),
+                                                   judge_model="/models/fake"))
+    finally:
+        server.close()
+    assert full["coverage"]["labelled"] == full["coverage"]["comments"]
+    assert full["reportable"] == list(schema.CATEGORICAL) and not full["withheld"]
+    assert full["labeler_versions"]["zh"].startswith("judge/fake-model-2024-01-01/p")
+    # Nothing judged twice: the cached comments were not sent again (plain reposts are never sent).
+    sent_ids = server.sent_ids()
+    assert len(sent_ids) == len(set(sent_ids)) and len(server.requests) > sent_partial
+    est = full["results"]["estimates"]["mf"]
+    assert est["stance"]["kl"]["mean"] >= 0 and "wasserstein1" in est["stance"]
+
+
+def dataclasses_replace(obj, **kw):
+    import dataclasses
+
+    return dataclasses.replace(obj, **kw)

@@ -228,14 +228,19 @@ class Judge:
         """Labels keyed by id; comments not labelled (budget stop, failures) are absent."""
         out: dict = {}
         todo = []
+        same_text: dict = {}  # cache key -> comments sharing it (one is sent; all get its labels)
         for c in sorted(population.comments, key=lambda c: c.id):
             if is_plain_repost(c.text, population.language, population.topic):
                 out[c.id] = dict(schema.PLAIN_REPOST_LABELS, keywords=[])
                 continue
-            hit = self.cache.get(self.cache_key(population.topic, c.text))
+            key = self.cache_key(population.topic, c.text)
+            hit = self.cache.get(key)
             if hit is not None:
                 out[c.id] = hit["labels"]
+            elif key in same_text:
+                same_text[key].append(c)  # an exact duplicate (headline copies are common): not sent twice
             else:
+                same_text[key] = [c]
                 todo.append(c)
         batches = [todo[i:i + self.config.batch_size] for i in range(0, len(todo), self.config.batch_size)]
         lock = threading.Lock()
@@ -245,6 +250,11 @@ class Judge:
                 got = future.result()
                 with lock:
                     out.update(got)
+        for comments in same_text.values():
+            sent = comments[0]
+            if sent.id in out:
+                for c in comments[1:]:
+                    out[c.id] = out[sent.id]
         return out
 
     def _judge_batch(self, topic: str, batch: list, stage: int = 0) -> dict:
