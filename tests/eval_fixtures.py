@@ -11,20 +11,21 @@ COMMENTS = ["[怒]太过分了！", "[哈哈]笑死", "真的假的？", "转发
 STEP, WARMUP, AGENTS = 8, 1, 32
 
 
-def make_events(path, n_events=3):
-    """Write `n_events` zh events of AGENTS agents (texts drawn from COMMENTS) as JSONL; return them."""
+def make_events(path, n_events=3, comments=None, language="zh"):
+    """Write `n_events` events of AGENTS agents (texts drawn from `comments`, default COMMENTS) as JSONL."""
+    comments = comments or COMMENTS
     rng = random.Random(0)
     with open(path, "w", encoding="utf-8") as f:
         for e in range(n_events):
-            agents = [{"uid": f"u{i}", "time": 1000.0 + i, "text": rng.choice(COMMENTS)} for i in range(AGENTS)]
-            f.write(json.dumps({"event_id": f"ev{e}", "language": "zh", "topic": f"某地发生第{e}件事",
+            agents = [{"uid": f"u{i}", "time": 1000.0 + i, "text": rng.choice(comments)} for i in range(AGENTS)]
+            f.write(json.dumps({"event_id": f"ev{e}", "language": language, "topic": f"某地发生第{e}件事",
                                 "agents": agents}, ensure_ascii=False) + "\n")
     with open(path, encoding="utf-8") as f:
         return [json.loads(line) for line in f]
 
 
 def make_run(folder, events_path, events, alg, seeds=(0, 1), config_hash="abc123", interventions=None,
-             seed_offset=0):
+             seed_offset=0, comments=None):
     """Write a run folder: manifest with a config hash, one world file + mean-field file per (event, seed),
     and a prompts file the evaluator must ignore. Warm-up rows copy the real text; interventions replace
     the given (step, position) actions."""
@@ -41,7 +42,7 @@ def make_run(folder, events_path, events, alg, seeds=(0, 1), config_hash="abc123
             for i, agent in enumerate(e["agents"]):
                 step = i // STEP
                 source = "warmup" if step < WARMUP else "generated"
-                action = agent["text"] if source == "warmup" else rng.choice(COMMENTS)
+                action = agent["text"] if source == "warmup" else rng.choice(comments or COMMENTS)
                 if interventions and (step, i % STEP) in interventions:
                     source, action = "intervention", interventions[(step, i % STEP)]
                 rows.append({"event_id": e["event_id"], "seed": seed, "step": step, "agent": i, "state": "…",

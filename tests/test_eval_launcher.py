@@ -137,3 +137,19 @@ def test_no_flags_without_demo_output_says_what_to_do(tmp_path):
     proc = launch(cwd=tmp_path)
     assert proc.returncode == 2
     assert "no demo output at runs/demo" in proc.stderr and "launch/simulate.py" in proc.stderr
+
+
+def test_a_labeler_with_nothing_reportable_says_so(tmp_path):
+    from mfjax.eval import evaluation, pipeline
+
+    english = ["So sad RIP", "This is a hoax", "Is this true?", "RT @a: big news", "LOL great", "wow omg"]
+    events = make_events(tmp_path / "ev.jsonl", n_events=2, comments=english, language="en")
+    make_run(tmp_path / "mf", tmp_path / "ev.jsonl", events, "mf", comments=english)
+    payload = evaluation.run(evaluation.Options(runs=[str(tmp_path / "mf")], out_dir=str(tmp_path / "out"),
+                                                settings=pipeline.Settings(n_bootstrap=50), progress=False))
+    # The English rules are judge-only on every dimension until validated: nothing is computed from them.
+    assert payload["reportable"] == [] and payload["figures"] == []
+    assert payload["labeler_versions"]["en"].startswith("rules-en/")
+    assert set(payload["results"]["estimates"]["mf"]) == {"_headline", "_keywords", "_nll"}
+    report = (tmp_path / "out" / "report.md").read_text(encoding="utf-8")
+    assert "No dimension is reportable" in report and "rollout NLL/token" in report

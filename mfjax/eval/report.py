@@ -82,6 +82,11 @@ def markdown(payload: Mapping) -> str:
               f"- label coverage: {payload['coverage']['labelled']} of {payload['coverage']['comments']} comments", ""]
     if payload.get("notes"):
         lines += [f"> {n}" for n in payload["notes"]] + [""]
+    if not reportable:
+        lines += ["**No dimension is reportable with this labeler** (see *Withheld dimensions*): evaluate with "
+                  "`--labeler=api`, or validate the labeler (`--validate_labeler`) once reference labels exist.", ""]
+        lines += _nll_and_keywords(res, systems) + _withheld_and_rows(payload, res, systems)
+        return "\n".join(lines) + "\n"
     lines += ["## KL(real ‖ sim), overall window (mean [95 % CI])", ""]
     head = ["system", "mean over dims"] + list(reportable)
     lines.append("| " + " | ".join(head) + " |")
@@ -111,7 +116,17 @@ def markdown(payload: Mapping) -> str:
             h = c["headline_kl"]
             lines.append(f"| {name} | {fmt(h['diff'])} | {fmt(h['relative'])} |")
         lines.append("")
-    lines += ["## NLL of real actions and keywords", "", "| system | rollout NLL/token | rollout NLL/char | warm-up NLL/token | keyword Jaccard (top 20) |",
+    lines += _nll_and_keywords(res, systems)
+    lines += _withheld_and_rows(payload, res, systems)
+    for name, section in payload.get("experiments", {}).items():
+        lines += ["", f"## Experiment: {name}", "", "```json", json.dumps(_nan_to_none(section), ensure_ascii=False, indent=1)[:6000], "```"]
+    if payload.get("figures"):
+        lines += ["", "## Figures", ""] + [f"![{f}]({f})" for f in payload["figures"]]
+    return "\n".join(lines) + "\n"
+
+
+def _nll_and_keywords(res: Mapping, systems) -> list:
+    lines = ["## NLL of real actions and keywords", "", "| system | rollout NLL/token | rollout NLL/char | warm-up NLL/token | keyword Jaccard (top 20) |",
               "|---|---|---|---|---|"]
     for s in systems:
         est = res["estimates"][s]
@@ -119,6 +134,11 @@ def markdown(payload: Mapping) -> str:
         lines.append(f"| {s} | {fmt(nll.get('rollout_nll_per_token'))} | {fmt(nll.get('rollout_nll_per_char'))} | "
                      f"{fmt(nll.get('warmup_nll_per_token'))} | {fmt(est['_keywords']['jaccard_top20'])} |")
     lines.append("")
+    return lines
+
+
+def _withheld_and_rows(payload: Mapping, res: Mapping, systems) -> list:
+    lines = []
     if payload["withheld"]:
         lines += ["## Withheld dimensions", ""]
         lines += [f"- `{d}`: {r}" for d, r in payload["withheld"].items()]
@@ -126,11 +146,7 @@ def markdown(payload: Mapping) -> str:
     lines += ["## Rows", ""]
     for s in systems:
         lines.append(f"- {s}: {res['rows'][s]['rows_by_source']} (compared: {', '.join(res['rows'][s]['compared_sources'])})")
-    for name, section in payload.get("experiments", {}).items():
-        lines += ["", f"## Experiment: {name}", "", "```json", json.dumps(_nan_to_none(section), ensure_ascii=False, indent=1)[:6000], "```"]
-    if payload.get("figures"):
-        lines += ["", "## Figures", ""] + [f"![{f}]({f})" for f in payload["figures"]]
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def plot_curves(curves: Mapping, out_dir: str | os.PathLike, dims) -> list:
