@@ -115,3 +115,13 @@ def test_summary_counts_nulls_and_majority():
     assert s["majority_accuracy"] == pytest.approx(2 / 3)
     assert s["recall"] == {"doubt": 1.0, "believe": 0.5}
     assert s["confusion"] == [[1, 0], [1, 1]]
+
+
+def test_no_resamples_gives_points_without_cis():
+    a = {"e0": {0: 1.0}, "e1": {0: 3.0}}
+    b = {"e0": {0: 2.0}, "e1": {0: 2.0}}
+    est = bootstrap.cluster_bootstrap(a, n_resamples=0)
+    assert est.mean == 2.0 and np.isnan(est.lo) and np.isnan(est.hi)
+    out = bootstrap.paired_bootstrap(a, b, n_resamples=0)
+    assert out["diff"]["mean"] == 0.0 and np.isnan(out["diff"]["lo"])
+    assert out["relative"]["mean"] == 0.0

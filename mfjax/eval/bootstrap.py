@@ -111,17 +111,22 @@ def paired_bootstrap(values_a: Mapping, values_b: Mapping, *, n_resamples: int =
     ib = [kb.index(e) for e in keep]
     ta, sa, tb, sb = ta[ia], sa[ia], tb[ib], sb[ib]
     mean_a, mean_b = _point(ta, sa), _point(tb, sb)
+    worlds = int(min(sa.sum(), sb.sum()))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        rel_mean = mean_a / mean_b - 1 if mean_b else float("nan")
+    if n_resamples <= 0:
+        nan = float("nan")
+        return {"diff": Estimate(mean_a - mean_b, nan, nan, len(keep), worlds).as_dict(),
+                "relative": Estimate(float(rel_mean), nan, nan, len(keep), worlds).as_dict()}
     rng = np.random.default_rng(seed)
     s_max = max(ta.shape[1], tb.shape[1])
     ev_idx, u = _draws(len(keep), s_max, n_resamples, rng)
     ra = _resample_means(ta, sa, ev_idx, u[..., : ta.shape[1]])
     rb = _resample_means(tb, sb, ev_idx, u[..., : tb.shape[1]])
     q = [100 * (1 - level) / 2, 100 * (1 + level) / 2]
-    worlds = int(min(sa.sum(), sb.sum()))
     d_lo, d_hi = np.percentile(ra - rb, q)
     with np.errstate(divide="ignore", invalid="ignore"):
         rel = ra / rb - 1
-        rel_mean = mean_a / mean_b - 1 if mean_b else float("nan")
     rel = rel[np.isfinite(rel)]  # resamples whose reference mean is 0 have no relative change
     r_lo, r_hi = np.percentile(rel, q) if rel.size else (float("nan"),) * 2
     return {"diff": Estimate(mean_a - mean_b, float(d_lo), float(d_hi), len(keep), worlds).as_dict(),
