@@ -60,6 +60,15 @@ def test_end_to_end_writes_sane_metrics_report_and_figures(runs, tmp_path):
     assert m["results"]["rows"]["mf"]["rows_by_source"] == {"warmup": 3 * 2 * STEP, "generated": 3 * 2 * 24}
     assert m["results"]["rows"]["mf"]["compared_sources"] == ["generated"]
     assert "mf_vs_state" in m["results"]["comparisons"]
+    # Overall histograms pool the compared rows (3 events x 2 seeds x 24 generated agents).
+    h = m["results"]["histograms"]["mf"]["intent"]
+    assert sum(h["real_counts"]) + h["nulls"]["real"] == sum(h["sim_counts"]) + h["nulls"]["sim"] == 3 * 2 * 24
+    assert sum(h["sim_share"]) == pytest.approx(1.0)
+    # Per-step and cumulative curves over the 4 steps; the simulated curves start after warm-up.
+    curve = m["curves"]["mf"]["dims"]["intent"]
+    assert len(curve["sim_cumulative"]["mean"]) == len(m["curves"]["mf"]["steps"]) == 4
+    assert all(v is None for v in curve["sim"]["mean"][0]) and sum(curve["sim_cumulative"]["mean"][-1]) == pytest.approx(1.0)
+    assert sum(curve["real"]["mean"][0]) == pytest.approx(1.0)
     assert set(m["experiments"]) == {"trend", "horizon"}
     assert m["experiments"]["trend"]["withheld"]  # doubt / counter / oppose are judge-only for the zh rules
     assert list(m["experiments"]["horizon"]["systems"]["mf"]) == ["1", "3"]

@@ -96,6 +96,7 @@ def evaluate(runs: Sequence[Run], labels: Mapping, reportable: Sequence[str], se
     rng = np.random.default_rng(settings.bootstrap_seed)
     per_world: dict = {}  # system -> dim -> metric -> event -> seed -> value
     excluded: dict = {}
+    histograms = {run.name: overall_histograms(run, labels, reportable, settings) for run in runs}
     for run in runs:
         table = collections.defaultdict(lambda: collections.defaultdict(_nested))
         counted = collections.Counter()
@@ -115,9 +116,33 @@ def evaluate(runs: Sequence[Run], labels: Mapping, reportable: Sequence[str], se
     estimates = {name: {dim: {metric: bootstrap.cluster_bootstrap(v, **boot).as_dict() for metric, v in ms.items()}
                         for dim, ms in table.items()}
                  for name, table in per_world.items()}
-    return {"systems": [r.name for r in runs], "estimates": estimates,
+    return {"systems": [r.name for r in runs], "estimates": estimates, "histograms": histograms,
             "comparisons": comparisons(per_world, runs, reportable, boot), "rows": excluded,
             "per_world": _plain(per_world)}
+
+
+def overall_histograms(run: Run, labels: Mapping, dims: Sequence[str], settings: Settings) -> dict:
+    """Per dimension: class counts and shares of the compared rows, real vs simulated, pooled over worlds,
+    with the null counts (the overall-window histograms; per-step ones are the curves)."""
+    sources = included_sources(settings)
+    out = {}
+    for dim in dims:
+        real_c = np.zeros(len(schema.VALUES[dim]), dtype=np.int64)
+        sim_c = real_c.copy()
+        nulls = {"real": 0, "sim": 0}
+        for world in run.worlds:
+            rows = [r for r in world.rows if r["source"] in sources]
+            rc, rn = metrics.counts(_labels_of([real_id(world.event_id, r["agent"]) for r in rows], labels, dim), dim)
+            sc, sn = metrics.counts(_labels_of([sim_id(run.name, world.event_id, world.seed, r["agent"])
+                                                for r in rows], labels, dim), dim)
+            real_c += rc
+            sim_c += sc
+            nulls["real"] += rn
+            nulls["sim"] += sn
+        out[dim] = {"values": list(schema.VALUES[dim]), "real_counts": real_c.tolist(), "sim_counts": sim_c.tolist(),
+                    "real_share": metrics.proportions(real_c).tolist(), "sim_share": metrics.proportions(sim_c).tolist(),
+                    "nulls": nulls}
+    return out
 
 
 def reference_system(names: Sequence[str]) -> str:
@@ -150,9 +175,9 @@ def _plain(obj):
 # --- curves for plots -------------------------------------------------------------------------
 
 def step_curves(runs: Sequence[Run], labels: Mapping, dims: Sequence[str], settings: Settings) -> dict:
-    """Per system and dimension: class proportions per step, real vs simulated, mean across events
-    with cluster-bootstrap 95 % bands. Real curves cover every step (warm-up included); simulated
-    curves the compared sources only."""
+    """Per system and dimension: class proportions per step (and cumulative up to each step), real vs
+    simulated, mean across events with cluster-bootstrap 95 % bands. Real curves cover every step
+    (warm-up included); simulated curves the compared sources only."""
     sources = included_sources(settings)
     boot = dict(n_resamples=min(settings.n_bootstrap, CURVE_RESAMPLES), level=settings.level,
                 seed=settings.bootstrap_seed)
@@ -167,10 +192,14 @@ def step_curves(runs: Sequence[Run], labels: Mapping, dims: Sequence[str], setti
             k = len(schema.VALUES[dim])
             real_v = collections.defaultdict(_nested)  # (step, class) -> event -> seed -> share
             sim_v = collections.defaultdict(_nested)
+            real_cum = collections.defaultdict(_nested)  # the same, over all steps up to this one
+            sim_cum = collections.defaultdict(_nested)
             for world in run.worlds:
                 by_step = collections.defaultdict(list)
                 for r in world.rows:
                     by_step[r["step"]].append(r)
+                real_total = np.zeros(k)
+                sim_total = np.zeros(k)
                 for step in steps:
                     rows = by_step.get(step, [])
                     real = metrics.counts(_labels_of([real_id(world.event_id, r["agent"]) for r in rows],
@@ -178,11 +207,17 @@ def step_curves(runs: Sequence[Run], labels: Mapping, dims: Sequence[str], setti
                     sim_rows = [r for r in rows if r["source"] in sources]
                     sim = metrics.counts(_labels_of([sim_id(run.name, world.event_id, world.seed, r["agent"])
                                                      for r in sim_rows], labels, dim), dim)[0]
+                    real_total += real
+                    sim_total += sim
                     for c in range(k):
                         if real.sum():
                             real_v[(step, c)][world.event_id][0] = real[c] / real.sum()
                         if sim.sum():
                             sim_v[(step, c)][world.event_id][world.seed] = sim[c] / sim.sum()
+                        if real_total.sum():
+                            real_cum[(step, c)][world.event_id][0] = real_total[c] / real_total.sum()
+                        if sim_total.sum():
+                            sim_cum[(step, c)][world.event_id][world.seed] = sim_total[c] / sim_total.sum()
 
             def summarise(table):
                 mean = np.full((len(steps), k), np.nan)
@@ -194,7 +229,8 @@ def step_curves(runs: Sequence[Run], labels: Mapping, dims: Sequence[str], setti
                             mean[i, c], lo[i, c], hi[i, c] = e.mean, e.lo, e.hi
                 return {"mean": mean.tolist(), "lo": lo.tolist(), "hi": hi.tolist()}
 
-            per_dim[dim] = {"values": list(schema.VALUES[dim]), "real": summarise(real_v), "sim": summarise(sim_v)}
+            per_dim[dim] = {"values": list(schema.VALUES[dim]), "real": summarise(real_v), "sim": summarise(sim_v),
+                            "real_cumulative": summarise(real_cum), "sim_cumulative": summarise(sim_cum)}
         out[run.name] = {"steps": steps, "marks": marks, "dims": per_dim}
     return out
 

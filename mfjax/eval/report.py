@@ -116,6 +116,14 @@ def markdown(payload: Mapping) -> str:
             h = c["headline_kl"]
             lines.append(f"| {name} | {fmt(h['diff'])} | {fmt(h['relative'])} |")
         lines.append("")
+    lines += ["## Overall label shares (real → simulated) and nulls", "", "| system | dimension | shares | nulls real / sim |",
+              "|---|---|---|---|"]
+    for s in systems:
+        for d in reportable:
+            h = res["histograms"][s][d]
+            shares = ", ".join(f"{v} {r:.2f}→{m:.2f}" for v, r, m in zip(h["values"], h["real_share"], h["sim_share"]))
+            lines.append(f"| {s} | {d} | {shares} | {h['nulls']['real']} / {h['nulls']['sim']} |")
+    lines.append("")
     lines += _nll_and_keywords(res, systems)
     lines += _withheld_and_rows(payload, res, systems)
     for name, section in payload.get("experiments", {}).items():

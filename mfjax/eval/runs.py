@@ -196,6 +196,11 @@ def check_comparable(runs: Sequence[Run]) -> None:
         if ea != eb:
             raise RunDataError(f"--runs: {base.name} and {run.name} cover different events "
                                f"(only in {base.name}: {sorted(ea - eb)[:3]}, only in {run.name}: {sorted(eb - ea)[:3]})")
+        agents_a = {w.event_id: len(w.rows) for w in base.worlds}
+        for w in run.worlds:
+            if agents_a[w.event_id] != len(w.rows):
+                raise RunDataError(f"--runs: {base.name} and {run.name} differ in agents for event {w.event_id} "
+                                   f"({agents_a[w.event_id]} vs {len(w.rows)} in {w.path})")
 
 
 def events_source(runs: Sequence[Run], override: Optional[str]) -> tuple[str, Optional[str], str]:
