@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from mfjax.eval import agreement, bootstrap, schema
+from mfjax.eval import agreement, bootstrap, metrics, schema
 from mfjax.eval import status as status_mod
 from mfjax.eval.labelers import rules_for
 from mfjax.eval.labelers.base import Comment, Population
@@ -124,20 +124,33 @@ def _stats(items: list, reference: dict, other: dict, n_resamples: int, seed: in
                 return fn(agreement.confusion([x[0] for x in xs], [x[1] for x in xs], dim))
             _, lo, hi = bootstrap.clustered_items_ci(groups, stat, n_resamples=n_resamples, seed=seed)
             s[f"{name}_ci"] = [lo, hi]
+        # Do the two labelings give the same per-event label histograms? (What the metrics compare.)
+        js = [metrics.js_divergence(metrics.counts([x[0] for x in g], dim)[0], metrics.counts([x[1] for x in g], dim)[0])
+              for g in groups.values()]
+        js = [x for x in js if x == x]
+        s["per_event_js_mean"] = sum(js) / len(js) if js else float("nan")
         out[dim] = s
     return out
 
 
-def _table(title: str, stats: dict) -> list:
-    lines = [f"### {title}", "", "| dimension | n | κ [95 % CI] | AC1 [95 % CI] | macro-F1 | accuracy | majority |",
-             "|---|---|---|---|---|---|---|"]
+def _table(title: str, stats: dict, confusions: bool = False) -> list:
+    lines = [f"### {title}", "", "| dimension | n | κ [95 % CI] | AC1 [95 % CI] | macro-F1 | accuracy | majority | "
+             "per-event JS |", "|---|---|---|---|---|---|---|---|"]
     for dim, s in stats.items():
         def ci(name):
             v, (lo, hi) = s[name], s[f"{name}_ci"]
             return "–" if v != v else f"{v:.2f} [{lo:.2f}, {hi:.2f}]" if lo == lo else f"{v:.2f}"
         lines.append(f"| {dim} | {s['n']} | {ci('kappa')} | {ci('ac1')} | {s['macro_f1']:.2f} | "
-                     f"{s['accuracy']:.2f} | {s['majority_accuracy']:.2f} |")
-    return lines + [""]
+                     f"{s['accuracy']:.2f} | {s['majority_accuracy']:.2f} | {s['per_event_js_mean']:.3f} |")
+    lines.append("")
+    if confusions:
+        for dim, s in stats.items():
+            values = s["values"]
+            lines += [f"{dim} (rows: reference, columns: rules)", "", "| | " + " | ".join(values) + " |",
+                      "|" + "---|" * (len(values) + 1)]
+            lines += [f"| {v} | " + " | ".join(str(x) for x in row) + " |" for v, row in zip(values, s["confusion"])]
+            lines.append("")
+    return lines
 
 
 def validate_language(language: str, sample_dir: Path, data: Optional[Path], n_resamples: int, seed: int):
@@ -166,7 +179,8 @@ def validate_language(language: str, sample_dir: Path, data: Optional[Path], n_r
         lines += _table("Annotator A vs annotator B (test split)", report["inter_annotator_test"])
     for name, ref in refs.items():
         report[f"rules_vs_{name}_test"] = _stats(test, ref, rules, n_resamples, seed)
-        lines += _table(f"Rules vs annotator {name.upper()} (test split)", report[f"rules_vs_{name}_test"])
+        lines += _table(f"Rules vs annotator {name.upper()} (test split)", report[f"rules_vs_{name}_test"],
+                        confusions=True)
     bars = status_mod.load()["bars"]
     verdict = {"validated_on": report["created"], "ranking_checked": False, "dimensions": {}}
     for dim in schema.CATEGORICAL:
@@ -179,7 +193,8 @@ def validate_language(language: str, sample_dir: Path, data: Optional[Path], n_r
     lines += ["### Verdicts (κ = mean over annotators; bars of EVALUATION.md §7)", "",
               "| dimension | κ | bar | verdict |", "|---|---|---|---|"]
     lines += [f"| {d} | {v['kappa']:.2f} | {v['bar']} | {v['verdict']} |" for d, v in verdict["dimensions"].items()]
-    lines += ["", "Confusion matrices (rows: annotator, columns: rules) are in the JSON report.", ""]
+    lines += ["", "The system-ranking bar (same sign of ΔKL under the rules and the judge) needs judge labels of "
+              "runs; it is not checked here (`ranking_checked: false`).", ""]
     write_json(folder / "validation_report.json", report)
     (folder / "validation_report.md").write_text("\n".join(lines), encoding="utf-8")
     return report, lines, (version, verdict)
