@@ -1,7 +1,7 @@
 """The demo notebook runs top to bottom (nbclient), at a smaller workload than the README's demo.
 
 The notebook reads its workload from environment variables (MFJAX_DEMO_EVENTS, MFJAX_DEMO_AGENTS,
-MFJAX_DEMO_MAX_NEW_TOKENS, MFJAX_DEMO_MF_TOKENS, MFJAX_DEMO_ACTION_TOKENS, MFJAX_DEMO_OUT); here: 1 event,
+MFJAX_DEMO_MAX_NEW_TOKENS, MFJAX_DEMO_MF_TOKENS, MFJAX_DEMO_OUT); here: 1 event,
 32 agents (one warm-up and one rollout step), short generations. The simulation's one-time compile
 dominates (1.5–2 minutes on 2 cores); the per-cell timeout leaves room for a loaded machine.
 """
@@ -28,7 +28,7 @@ def test_demo_notebook_executes(tmp_path, monkeypatch):
         pytest.skip(f"SmolLM2 weights unavailable: {e}")
     out = tmp_path / "demo"
     for key, value in {"MFJAX_DEMO_EVENTS": "1", "MFJAX_DEMO_AGENTS": "32", "MFJAX_DEMO_MAX_NEW_TOKENS": "6",
-                       "MFJAX_DEMO_MF_TOKENS": "8", "MFJAX_DEMO_ACTION_TOKENS": "24", "MFJAX_DEMO_OUT": str(out)}.items():
+                       "MFJAX_DEMO_MF_TOKENS": "12", "MFJAX_DEMO_OUT": str(out)}.items():
         monkeypatch.setenv(key, value)
     # conftest gives this process 8 fake CPU devices (for the sharding tests); the notebook's simulation
     # would then pad its one world to eight. It runs on the machine's real devices.

@@ -345,10 +345,11 @@ class Simulation:
 def simulate(events: Sequence[Event], policy: CausalLM, tokenizer, config: SimulationConfig = SimulationConfig(), *,
              mean_field: Optional[CausalLM] = None, overrides: Sequence[batching.Override] = (),
              out_dir: Optional[str] = None, mesh=None, progress: bool = False,
-             models: Optional[Mapping[str, Any]] = None) -> SimulationResult:
-    """Checks, then runs, a simulation (see :class:`Simulation`)."""
+             models: Optional[Mapping[str, Any]] = None, source: Optional[str] = None) -> SimulationResult:
+    """Checks, then runs, a simulation (see :class:`Simulation`; ``source`` names where the events came
+    from, for the manifest and the evaluator)."""
     sim = Simulation(events, tokenizer, config, overrides=overrides, out_dir=out_dir, models=models,
-                     dtype=jnp.dtype(jax.tree.leaves(policy.weights())[0].dtype).name)
+                     dtype=jnp.dtype(jax.tree.leaves(policy.weights())[0].dtype).name, source=source)
     return sim.run(policy, mean_field, mesh=mesh, progress=progress)
 
 
