@@ -102,6 +102,11 @@ def main(argv):
     import jax
 
     if FLAGS.coordinator_address:
+        if FLAGS.num_processes is None or FLAGS.process_id is None:
+            _fail("--coordinator_address needs --num_processes and --process_id")
+        if jax.config.jax_platforms in (None, "", "cpu") and os.environ.get("JAX_PLATFORMS", "cpu") == "cpu":
+            # Several CPU processes (a test of the multi-host path on one machine) talk through gloo.
+            jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
                                    num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
     import jax.numpy as jnp
