@@ -16,8 +16,8 @@ import numpy as np
 from mfjax.engine.generate import generate_tokens_jit
 from mfjax.engine.host import pad_rows_host
 from mfjax.engine.score import score_tokens_jit
-from mfjax.sim import lines as LN
-from mfjax.sim import templates as T
+from mfjax.sim import lines as lines_lib
+from mfjax.sim import templates
 from mfjax.sim.batch import Override
 
 
@@ -63,7 +63,7 @@ def _cleaned(tables, tokens, text_len, pad, tokenizer, expected_fn, raw):
     return cleaned
 
 
-clean_jit = jax.jit(LN.clean, static_argnames=("pad_id",))
+clean_jit = jax.jit(lines_lib.clean, static_argnames=("pad_id",))
 
 
 def reference_world(enc, seed, rcfg, tt, policy_params, policy_cfg, mf_params, mf_cfg, lines, world_key,
@@ -90,11 +90,11 @@ def reference_world(enc, seed, rcfg, tt, policy_params, policy_cfg, mf_params, m
         if rcfg.algorithm == "mf":
             ctx = (_ids(tt.mf_ctx_open) + m + _ids(tt.mf_ctx_close)) if m else []
         elif rcfg.algorithm == "recent":
-            ctx = _comment_list(tt, tt.recent_header, [a for a, _ in past[-T.RECENT_K:]])
+            ctx = _comment_list(tt, tt.recent_header, [a for a, _ in past[-templates.RECENT_K:]])
         elif rcfg.algorithm == "popular":
-            window = past[-T.POPULAR_WINDOW:]
+            window = past[-templates.POPULAR_WINDOW:]
             ranked = sorted(window, key=lambda af: af[1], reverse=True)  # stable: ties keep time order
-            ctx = _comment_list(tt, tt.popular_header, [a for a, _ in ranked[:T.POPULAR_K]])
+            ctx = _comment_list(tt, tt.popular_header, [a for a, _ in ranked[:templates.POPULAR_K]])
         else:
             ctx = []
         prefix = enc.policy_head + ctx + _ids(tt.profile)
@@ -117,7 +117,7 @@ def reference_world(enc, seed, rcfg, tt, policy_params, policy_cfg, mf_params, m
             for i in range(len(agents)):
                 raw = g_tok[i, :g_len[i]].tolist()
                 n = len(raw) - int(bool(raw) and raw[-1] in eos)  # an end-of-sequence token carries no text
-                generated.append(_cleaned(policy_lines, raw, n, rcfg.pad_id, tokenizer, LN.first_line,
+                generated.append(_cleaned(policy_lines, raw, n, rcfg.pad_id, tokenizer, lines_lib.first_line,
                                           raw))
         step_actions = []
         for i, a in enumerate(agents):
@@ -148,7 +148,7 @@ def reference_world(enc, seed, rcfg, tt, policy_params, policy_cfg, mf_params, m
             gen = generate_tokens_jit(mf_params, mf_cfg, rcfg.mean_field_generate, p_tok, p_len, key, stop_mask=mf_stop)
             raw = np.asarray(gen.tokens)[0, :int(gen.lengths[0])].tolist()
             n = len(raw) - int(bool(raw) and raw[-1] in mf_eos)
-            m = _cleaned(mf_lines, raw, n, rcfg.pad_id, tokenizer, LN.join_lines, raw)
+            m = _cleaned(mf_lines, raw, n, rcfg.pad_id, tokenizer, lines_lib.join_lines, raw)
         out.mean_fields_out.append(list(m))
     return out
 

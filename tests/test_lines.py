@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 
 from mfjax.io.tokenizer import Tokenizer
-from mfjax.sim import lines as LN
+from mfjax.sim import lines
 
 MEAN_FIELD_TEXT = "1. 立场分布：\n大部分网友支持。\n2. 情绪：质疑？\n"
 
-clean = jax.jit(LN.clean, static_argnames=("pad_id",))
+clean = jax.jit(lines.clean, static_argnames=("pad_id",))
 
 
 @pytest.fixture(scope="module", params=["qwen2", "smollm2"])
@@ -30,7 +30,7 @@ def vocab(request):
     else:
         path = request.getfixturevalue("smollm2_dir")
     tok = Tokenizer.from_dir(path)
-    return request.param, tok, LN.build_line_tables(tok, tok.vocab_size)
+    return request.param, tok, lines.build_line_tables(tok, tok.vocab_size)
 
 
 def _clean_text(tok, tables, ids):
@@ -39,10 +39,10 @@ def _clean_text(tok, tables, ids):
 
 
 def test_text_operations():
-    assert LN.first_line(" \n\n我不信 \n还有") == "我不信"
-    assert LN.first_line("a\r\nb") == "a" and LN.first_line("  \n ") == ""
-    assert LN.join_lines("\n1. 立场：\n支持。\n") == "1. 立场：支持。"
-    assert LN.join_lines("a\r\n b ") == "a b"
+    assert lines.first_line(" \n\n我不信 \n还有") == "我不信"
+    assert lines.first_line("a\r\nb") == "a" and lines.first_line("  \n ") == ""
+    assert lines.join_lines("\n1. 立场：\n支持。\n") == "1. 立场：支持。"
+    assert lines.join_lines("a\r\n b ") == "a b"
 
 
 def test_spec_strings(vocab):
@@ -72,8 +72,8 @@ def test_random_token_sequences(vocab):
     for _ in range(60):
         ids = [rng.choice(pool) for _ in range(rng.randint(0, 14))]
         text = tok.decode(ids)
-        assert _clean_text(tok, policy, ids) == LN.first_line(text), (name, text)
-        assert _clean_text(tok, mean_field, ids) == LN.join_lines(text), (name, text)
+        assert _clean_text(tok, policy, ids) == lines.first_line(text), (name, text)
+        assert _clean_text(tok, mean_field, ids) == lines.join_lines(text), (name, text)
 
 
 def test_decode_stops_where_the_first_line_ends(vocab):
@@ -92,7 +92,7 @@ def test_decode_stops_where_the_first_line_ends(vocab):
             started = started | ~rule.whitespace[token]
         kept = ids if stop_at is None else ids[:stop_at + 1]
         # Stopping there loses nothing of the first line, and nothing before it was a line end.
-        assert LN.first_line(tok.decode(kept)) == LN.first_line(text)
+        assert lines.first_line(tok.decode(kept)) == lines.first_line(text)
         if stop_at is not None:
             before = tok.decode(ids[:stop_at]).strip()
             assert "\n" not in before and "\r" not in before  # the line had not ended earlier

@@ -14,11 +14,11 @@ from mfjax.config import ModelConfig
 from mfjax.engine.sampling import SamplingConfig
 from mfjax.io.tokenizer import Tokenizer
 from mfjax.models.weights import init_weights
-from mfjax.sim import batch as SB
-from mfjax.sim import lines as LN
+from mfjax.sim import batch as batching
+from mfjax.sim import lines as lines_lib
 from mfjax.sim import policies, presets
-from mfjax.sim import rollout as R
-from mfjax.sim import templates as T
+from mfjax.sim import rollout as rollout_lib
+from mfjax.sim import templates
 from mfjax.sim.prompts import TokenTemplates
 from mfjax.sim.types import Source
 import sim_reference
@@ -29,8 +29,8 @@ B = 4  # agents per step
 NUM_AGENTS = 12  # 3 steps
 POLICY_NEW = 6
 OVERRIDES = (
-    SB.Override(step=1, position=1, kind="intervention", text="真的假的？"),
-    SB.Override(step=2, position=0, kind="key_node"),
+    batching.Override(step=1, position=1, kind="intervention", text="真的假的？"),
+    batching.Override(step=2, position=0, kind="key_node"),
 )
 
 
@@ -54,30 +54,30 @@ def events():
 
 @pytest.fixture(scope="module")
 def lines(tokenizer, model):
-    return LN.build_line_tables(tokenizer, model[0].vocab_size)
+    return lines_lib.build_line_tables(tokenizer, model[0].vocab_size)
 
 
 def make_rollout(tokenizer, cfg, lines, events, algorithm, *, sampling=None, mesh=None, mf_tokens=8, language="zh",
                  mf_with_states=False, overrides=OVERRIDES, num_agents=NUM_AGENTS, dump_prompts=False,
                  max_action_tokens=None):
     tt = TokenTemplates.build(tokenizer, language, chat=True, step_size=B)
-    encoded = [SB.encode_event(e, tokenizer, tt, num_agents=num_agents, step_size=B, algorithm=algorithm,
+    encoded = [batching.encode_event(e, tokenizer, tt, num_agents=num_agents, step_size=B, algorithm=algorithm,
                                mf_with_states=mf_with_states, max_action_tokens=max_action_tokens, strict=False)
                for e in events]
     greedy = SamplingConfig(temperature=None, repetition_penalty=1.2)
-    widths = SB.widths_for(encoded, tt, tokenizer, step_size=B, warmup_steps=1,
-                           generated_width=LN.clean_width(lines[0], POLICY_NEW), mf_with_states=mf_with_states,
+    widths = batching.widths_for(encoded, tt, tokenizer, step_size=B, warmup_steps=1,
+                           generated_width=lines_lib.clean_width(lines[0], POLICY_NEW), mf_with_states=mf_with_states,
                            overrides=overrides)
-    rcfg = R.RolloutConfig(
+    rcfg = rollout_lib.RolloutConfig(
         num_steps=-(-max(e.num_agents for e in encoded) // B), algorithm=algorithm, step_size=B, warmup_steps=1,
         policy_sampling=sampling or greedy, policy_new_tokens=POLICY_NEW, mf_sampling=sampling or greedy,
         mf_new_tokens=mf_tokens, mf_min_new_tokens=0, stop_ids=tokenizer.eos_token_ids,
         pad_id=tokenizer.pad_token_id, mf_with_states=mf_with_states, dump_prompts=dump_prompts, widths=widths)
-    return tt, encoded, rcfg, R.Rollout(rcfg, tt, cfg, cfg, lines, mesh=mesh)
+    return tt, encoded, rcfg, rollout_lib.Rollout(rcfg, tt, cfg, cfg, lines, mesh=mesh)
 
 
 def run(rollout, params, worlds, rcfg, tokenizer, overrides=OVERRIDES, place=jnp.asarray):
-    inputs = jax.tree.map(place, SB.stack_worlds(worlds, rcfg, tokenizer, overrides))
+    inputs = jax.tree.map(place, batching.stack_worlds(worlds, rcfg, tokenizer, overrides))
     ys, _ = rollout.run(params, params, inputs)
     return jax.tree.map(np.asarray, ys)
 
@@ -96,7 +96,7 @@ def test_scan_equals_step_by_step_reference(tokenizer, model, lines, events, alg
     overrides = sim_reference.with_tokens(OVERRIDES, tokenizer)
     for w, (enc, seed) in enumerate(worlds):
         ref = sim_reference.reference_world(enc, seed, rcfg, tt, params, cfg, params, cfg, lines,
-                                            SB.world_key(seed, enc.event.event_id), tokenizer, overrides)
+                                            batching.world_key(seed, enc.event.event_id), tokenizer, overrides)
         for a in range(NUM_AGENTS):
             k, j = divmod(a, B)
             assert Source(int(ys.source[k, w, j])).label == ref.sources[a]
@@ -128,11 +128,11 @@ def test_prompts_in_token_space_equal_spec_text(tokenizer, model, lines, fixture
     event = read_fixture_events(fixture)[0]
     assert event.language == language
     agents = event.agents[:B]
-    states = [T.state_text(a, language=language) for a in agents]
+    states = [templates.state_text(a, language=language) for a in agents]
     for algorithm in ("mf", "recent", "popular", "state"):
         tt, encoded, rcfg, rollout = make_rollout(tokenizer, cfg, lines, [event], algorithm, language=language)
         LA = rcfg.widths.action
-        inputs = jax.tree.map(jnp.asarray, SB.stack_worlds([(encoded[0], 0)], rcfg, tokenizer))
+        inputs = jax.tree.map(jnp.asarray, batching.stack_worlds([(encoded[0], 0)], rcfg, tokenizer))
         m_text = "多数网友质疑该消息的真实性"
         past = ["求真相", "不信", "转发微博", "顶", "真的假的", "等官方消息"]
         followers = [5, -1, 300, 300, 7, 12]
@@ -140,7 +140,7 @@ def test_prompts_in_token_space_equal_spec_text(tokenizer, model, lines, fixture
         m = jnp.asarray([tokenizer.encode(m_text) + [0] * width])[:, :width]
         m_len = jnp.asarray([min(len(tokenizer.encode(m_text)), width)])
         m_text = tokenizer.decode(m[0, :m_len[0]].tolist())
-        past_tok, past_len = SB._rows([tokenizer.encode(p) for p in past], len(past), LA, 0, "past", "t")
+        past_tok, past_len = batching._rows([tokenizer.encode(p) for p in past], len(past), LA, 0, "past", "t")
 
         def window(K):
             pad = K - len(past)
@@ -152,27 +152,27 @@ def test_prompts_in_token_space_equal_spec_text(tokenizer, model, lines, fixture
         if algorithm == "mf":
             state = policies.MeanFieldCarry(m=m, m_len=m_len)
         elif algorithm == "recent":  # the window holds the last K only
-            state = jax.tree.map(lambda x: x[:, -T.RECENT_K:], window(len(past)))
+            state = jax.tree.map(lambda x: x[:, -templates.RECENT_K:], window(len(past)))
         elif algorithm == "popular":
-            state = window(T.POPULAR_WINDOW)
+            state = window(templates.POPULAR_WINDOW)
         else:
             state = ()
-        carry = R.Carry(algorithm=state)
+        carry = rollout_lib.Carry(algorithm=state)
         prefix, prefix_len = rollout.policy_prefix(inputs, carry)
         prefix_text = tokenizer.decode(np.asarray(prefix)[0, :int(prefix_len[0])].tolist(), skip_special_tokens=False)
-        context = T.group_context(algorithm, m=m_text, past_actions=past, past_followers=[
+        context = templates.group_context(algorithm, m=m_text, past_actions=past, past_followers=[
             None if f < 0 else f for f in followers], language=language)
         for i, state in enumerate(states):
             agent_part = tokenizer.decode(encoded[0].agent_part[i], skip_special_tokens=False)
-            expected = head + T.full_text(T.policy_segments(event.topic, state, context, language=language)) + tail
+            expected = head + templates.full_text(templates.policy_segments(event.topic, state, context, language=language)) + tail
             assert prefix_text + agent_part == expected
         if algorithm == "mf":
             actions = [tokenizer.encode(p) for p in past[:B]]
-            a_tok, a_len = SB._rows(actions, B, LA, 0, "a", "t")
+            a_tok, a_len = batching._rows(actions, B, LA, 0, "a", "t")
             prompt, prompt_len = rollout.mean_field_prompt(inputs, m, m_len, jnp.asarray(a_tok)[None],
                                                            jnp.asarray(a_len)[None], jnp.ones((1, B), bool), 0)
             text = tokenizer.decode(np.asarray(prompt)[0, :int(prompt_len[0])].tolist(), skip_special_tokens=False)
-            expected = head + T.full_text(T.mean_field_segments(event.topic, m_text, past[:B], language=language)) + tail
+            expected = head + templates.full_text(templates.mean_field_segments(event.topic, m_text, past[:B], language=language)) + tail
             assert text == expected
 
 
@@ -182,16 +182,16 @@ def test_mean_field_prompt_with_states_equals_spec_text(tokenizer, model, lines,
     head, tail = tokenizer.chat_template_parts()
     event = events[0]
     tt, encoded, rcfg, rollout = make_rollout(tokenizer, cfg, lines, [event], "mf", mf_with_states=True)
-    inputs = jax.tree.map(jnp.asarray, SB.stack_worlds([(encoded[0], 0)], rcfg, tokenizer))
+    inputs = jax.tree.map(jnp.asarray, batching.stack_worlds([(encoded[0], 0)], rcfg, tokenizer))
     actions = ["求真相", "不信", "转发微博", "顶"]
-    a_tok, a_len = SB._rows([tokenizer.encode(a) for a in actions], B, rcfg.widths.action, 0, "a", "t")
+    a_tok, a_len = batching._rows([tokenizer.encode(a) for a in actions], B, rcfg.widths.action, 0, "a", "t")
     k = 1  # the second step: agents B .. 2B-1, numbered 1 .. B in the prompt
     empty = rollout.initial_carry(1).algorithm
     prompt, prompt_len = rollout.mean_field_prompt(inputs, empty.m, empty.m_len, jnp.asarray(a_tok)[None],
                                                    jnp.asarray(a_len)[None], jnp.ones((1, B), bool), k)
     text = tokenizer.decode(np.asarray(prompt)[0, :int(prompt_len[0])].tolist(), skip_special_tokens=False)
-    states = [T.state_text(a) for a in event.agents[k * B:(k + 1) * B]]
-    assert text == head + T.full_text(T.mean_field_segments(event.topic, "", actions, states)) + tail
+    states = [templates.state_text(a) for a in event.agents[k * B:(k + 1) * B]]
+    assert text == head + templates.full_text(templates.mean_field_segments(event.topic, "", actions, states)) + tail
 
 
 def test_seeds_reproducible_and_distinct(tokenizer, model, lines, events):
@@ -239,7 +239,7 @@ def test_short_event_stops_at_its_last_agent(tokenizer, model, lines, events):
     one trajectory entry per real step (the last update included)."""
     import dataclasses
 
-    from mfjax.sim import outputs as O
+    from mfjax.sim import outputs
 
     cfg, params = model
     short = dataclasses.replace(events[1], agents=events[1].agents[:6])  # 6 agents: steps 0 and 1 (partial)
@@ -250,12 +250,12 @@ def test_short_event_stops_at_its_last_agent(tokenizer, model, lines, events):
     # Step 2 of the short world has no agents: its mean field stays what step 1 wrote.
     np.testing.assert_array_equal(ys.mean_field_out[2, 1], ys.mean_field_out[1, 1])
     assert ys.mean_field_out_len[1, 1] > 0
-    rows, trajectory = O.world_records(ys, 1, encoded[1], 0, tokenizer, rcfg)
+    rows, trajectory = outputs.world_records(ys, 1, encoded[1], 0, tokenizer, rcfg)
     assert [r["agent"] for r in rows] == list(range(6))
     assert [t["step"] for t in trajectory] == [0, 1]
     final = tokenizer.decode(ys.mean_field_out[1, 1, :ys.mean_field_out_len[1, 1]].tolist())
     assert trajectory[-1]["mean_field"] == final and final  # the last update is written
-    rows, trajectory = O.world_records(ys, 0, encoded[0], 0, tokenizer, rcfg)
+    rows, trajectory = outputs.world_records(ys, 0, encoded[0], 0, tokenizer, rcfg)
     assert len(rows) == NUM_AGENTS and len(trajectory) == 3
     # Each step's update is what the next step's policy read.
     assert [r["mean_field"] for r in rows if r["step"] == 2][0] == trajectory[1]["mean_field"]

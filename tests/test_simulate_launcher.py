@@ -19,7 +19,7 @@ from mfjax.data.jsonl import event_to_dict, write_jsonl
 from mfjax.io.hf import save_hf
 from mfjax.io.tokenizer import Tokenizer
 from mfjax.models.weights import init_weights
-from mfjax.sim import templates as T
+from mfjax.sim import templates
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CED = str(events_path("ced_sample.jsonl"))
@@ -107,15 +107,15 @@ def test_simulate_writes_worlds_prompts_and_resumes(tiny_model_dir, tmp_path):
     assert [p["agent"] for p in policy] == [0, 1, 2, 3, 4]
     for p in policy:
         m = rows[p["agent"]]["mean_field"]
-        state = T.state_text(event.agents[p["agent"]])
-        assert p["prompt"] == head + T.full_text(T.policy_segments(event.topic, state, T.mf_context(m))) + tail
+        state = templates.state_text(event.agents[p["agent"]])
+        assert p["prompt"] == head + templates.full_text(templates.policy_segments(event.topic, state, templates.mf_context(m))) + tail
     mean_field = [p for p in prompts if p["model"] == "mean_field"]
     assert [p["step"] for p in mean_field] == [0, 1]
     for p in mean_field:
         step_rows = [r for r in rows if r["step"] == p["step"]]
         m_prev = step_rows[0]["mean_field"]
-        expected = T.mean_field_segments(event.topic, m_prev, [r["action"] for r in step_rows])
-        assert p["prompt"] == head + T.full_text(expected) + tail
+        expected = templates.mean_field_segments(event.topic, m_prev, [r["action"] for r in step_rows])
+        assert p["prompt"] == head + templates.full_text(expected) + tail
 
     # A rerun finds both worlds finished and runs nothing; other settings in the same folder are refused.
     again = simulate(*flags)

@@ -13,7 +13,7 @@ import pytest
 
 from mfjax.data import weibo
 from mfjax.data.events import Agent
-from mfjax.sim import templates as T
+from mfjax.sim import templates
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 RUMDECT_TEST = DATA / "weibo" / "test"
@@ -43,7 +43,7 @@ def test_state_text_real_unverified_record():
     _, record, agent = _real_agent("3476055656644087.json", 2)
     assert (record["user_location"], record["gender"], record["friends_count"],
             record["followers_count"], record["verified"]) == ("湖北 武汉", "m", 477, 587, False)
-    assert T.state_text(agent) == ("来自湖北 武汉，描述为八九年，一个新时代拉开序幕...的男性网友，"
+    assert templates.state_text(agent) == ("来自湖北 武汉，描述为八九年，一个新时代拉开序幕...的男性网友，"
                                    "朋友数量适中，影响力适中，动态互动情况为不活跃，非认证用户。")
 
 
@@ -52,37 +52,37 @@ def test_state_text_real_verified_record():
     # friends 2823, followers 22695, reposts 18 + comments 6 + attitudes 0, verified type 0.
     assert (record["friends_count"], record["followers_count"], record["verified_type"]) == \
         (2823, 22695, 0)
-    assert T.state_text(agent) == ("来自北京 朝阳区，描述为善未易明 理未易察的男性网友，朋友数量较多，"
+    assert templates.state_text(agent) == ("来自北京 朝阳区，描述为善未易明 理未易察的男性网友，朋友数量较多，"
                                    "影响力非常大，动态互动情况为较活跃，认证用户（类型0）。")
 
 
 def test_state_text_real_empty_description_and_female():
     _, record, agent = _real_agent("3476055656644087.json", 1)
     assert record["user_description"] == "" and record["gender"] == "f"
-    assert T.state_text(agent) == ("来自江苏 南京，描述为未知的女性网友，朋友数量适中，影响力适中，"
+    assert templates.state_text(agent) == ("来自江苏 南京，描述为未知的女性网友，朋友数量适中，影响力适中，"
                                    "动态互动情况为不活跃，非认证用户。")
 
 
 def test_state_text_unknown_profile():
-    assert T.state_text(_agent()) == UNKNOWN_STATE
-    assert T.state_text(_agent(), language="en") == (
+    assert templates.state_text(_agent()) == UNKNOWN_STATE
+    assert templates.state_text(_agent(), language="en") == (
         "A user from an unknown region, gender: unknown, described as unknown; number of "
         "friends: unknown; influence: unknown; activity: unknown; verification unknown.")
-    assert "认证用户（类型未知）" in T.state_text(_agent(verified=True))
+    assert "认证用户（类型未知）" in templates.state_text(_agent(verified=True))
 
 
 @pytest.mark.parametrize("count, word", [
     (0, "非常少"), (9, "非常少"), (10, "较少"), (30, "较少"), (31, "适中"), (1000, "适中"),
     (1001, "较多"), (3000, "较多"), (3001, "非常多")])
 def test_friends_bins(count, word):
-    assert f"朋友数量{word}，" in T.state_text(_agent(friends_count=count))
+    assert f"朋友数量{word}，" in templates.state_text(_agent(friends_count=count))
 
 
 @pytest.mark.parametrize("count, word", [
     (0, "非常小"), (99, "非常小"), (100, "较小"), (500, "较小"), (501, "适中"), (1000, "适中"),
     (1001, "较大"), (10000, "较大"), (10001, "非常大")])
 def test_influence_bins(count, word):
-    assert f"影响力{word}，" in T.state_text(_agent(followers_count=count))
+    assert f"影响力{word}，" in templates.state_text(_agent(followers_count=count))
 
 
 @pytest.mark.parametrize("counts, word", [
@@ -90,14 +90,14 @@ def test_influence_bins(count, word):
     ((50, 50, 1), "非常活跃"), ((None, 10, None), "较活跃")])
 def test_activity_bins(counts, word):
     agent = _agent(reposts_count=counts[0], comments_count=counts[1], attitudes_count=counts[2])
-    assert f"动态互动情况为{word}，" in T.state_text(agent)
+    assert f"动态互动情况为{word}，" in templates.state_text(agent)
 
 
 def test_gender_rule():
-    assert "的男性网友" in T.state_text(_agent(gender="m"))
-    assert "的女性网友" in T.state_text(_agent(gender="f"))
+    assert "的男性网友" in templates.state_text(_agent(gender="m"))
+    assert "的女性网友" in templates.state_text(_agent(gender="f"))
     # SPEC: 'm' is male, any other known value female.
-    assert "的女性网友" in T.state_text(_agent(gender="n"))
+    assert "的女性网友" in templates.state_text(_agent(gender="n"))
 
 
 # ---------------------------------------------------------------- policy prompt
@@ -108,11 +108,11 @@ def test_policy_prompt_mf_real_record():
     state = ("来自湖北 武汉，描述为八九年，一个新时代拉开序幕...的男性网友，朋友数量适中，影响力适中，"
              "动态互动情况为不活跃，非认证用户。")
     m = "大部分网友支持刘翔"
-    segments = T.policy_segments(event.topic, T.state_text(agent), T.mf_context(m))
+    segments = templates.policy_segments(event.topic, templates.state_text(agent), templates.mf_context(m))
     prefix = ("当前讨论的话题是：" + record_topic(event)
               + "重点参考已有的网友们评论情况：大部分网友支持刘翔。\n网友资料：")
     assert segments == (prefix, state + "\n" + INSTRUCTION)
-    assert T.full_text(segments) == prefix + state + "\n" + INSTRUCTION
+    assert templates.full_text(segments) == prefix + state + "\n" + INSTRUCTION
 
 
 def record_topic(event):
@@ -121,23 +121,23 @@ def record_topic(event):
 
 
 def test_policy_prompt_state_and_empty_mean_field():
-    assert T.policy_segments("话题", "状态") == ("当前讨论的话题是：话题网友资料：",
+    assert templates.policy_segments("话题", "状态") == ("当前讨论的话题是：话题网友资料：",
                                                 "状态\n" + INSTRUCTION)
     # While m is empty the MF prompt equals the state-only prompt (no "情况：。").
-    assert T.mf_context("") == ""
-    assert T.group_context("mf", m="") == T.group_context("state") == ""
-    sft = T.policy_segments("话题", "状态", state_sft=True)
+    assert templates.mf_context("") == ""
+    assert templates.group_context("mf", m="") == templates.group_context("state") == ""
+    sft = templates.policy_segments("话题", "状态", state_sft=True)
     assert sft[1] == "状态\n根据上述信息，模仿该网友进行转发微博或评论："
 
 
 def test_recent_context_last_five():
     past = [f"c{i}" for i in range(1, 8)]
-    assert T.recent_context(past) == (
+    assert templates.recent_context(past) == (
         "最新的网友评论如下：第1位网友评论：c3。\n第2位网友评论：c4。\n第3位网友评论：c5。\n"
         "第4位网友评论：c6。\n第5位网友评论：c7。\n")
-    assert T.recent_context([]) == ""
-    assert T.recent_context(["x", "y"]) == "最新的网友评论如下：第1位网友评论：x。\n第2位网友评论：y。\n"
-    assert T.group_context("recent", past_actions=past) == T.recent_context(past)
+    assert templates.recent_context([]) == ""
+    assert templates.recent_context(["x", "y"]) == "最新的网友评论如下：第1位网友评论：x。\n第2位网友评论：y。\n"
+    assert templates.group_context("recent", past_actions=past) == templates.recent_context(past)
 
 
 def test_popular_context_top_followers_in_last_thirty():
@@ -146,19 +146,19 @@ def test_popular_context_top_followers_in_last_thirty():
     followers[0] = 10 ** 6  # outside the window of the last 30
     followers[10], followers[20], followers[30] = 500, 900, 700
     followers[12] = None
-    assert T.popular_context(past, followers) == (
+    assert templates.popular_context(past, followers) == (
         "当前最热门的评论如下：第1位网友评论：c20。\n第2位网友评论：c30。\n第3位网友评论：c10。\n"
         "第4位网友评论：c5。\n第5位网友评论：c6。\n")
-    assert T.popular_context([], []) == ""
+    assert templates.popular_context([], []) == ""
     with pytest.raises(ValueError):
-        T.popular_context(["a"], [])
+        templates.popular_context(["a"], [])
     with pytest.raises(ValueError, match="unknown algorithm"):
-        T.group_context("rag")
+        templates.group_context("rag")
 
 
 def test_policy_prompt_recent_full_text():
-    context = T.recent_context(["真的假的？", "求真相"])
-    text = T.full_text(T.policy_segments("T", "S", context))
+    context = templates.recent_context(["真的假的？", "求真相"])
+    text = templates.full_text(templates.policy_segments("T", "S", context))
     assert text == ("当前讨论的话题是：T最新的网友评论如下：第1位网友评论：真的假的？。\n"
                     "第2位网友评论：求真相。\n网友资料：S\n" + INSTRUCTION)
 
@@ -179,27 +179,27 @@ def test_mean_field_prompt_real_actions():
     event, _, _ = _real_agent("3476055656644087.json", 2)
     actions = [a.action for a in event.agents[:3]]
     assert actions == ["转发微博。", "太捧翔哥了吧。。。", "转发微博"]
-    segments = T.mean_field_segments(event.topic, "", actions)
+    segments = templates.mean_field_segments(event.topic, "", actions)
     head = "当前话题：" + record_topic(event) + "\n过往网友评论总结：。\n最新网友讨论情况：\n"
     assert segments == (head, "第1个网友评论：转发微博。\n", "第2个网友评论：太捧翔哥了吧。。。\n",
                         "第3个网友评论：转发微博\n", "\n" + MF_INSTRUCTION)
-    assert T.full_text(segments) == "".join(segments)
+    assert templates.full_text(segments) == "".join(segments)
 
 
 def test_mean_field_prompt_with_states_and_previous_summary():
-    segments = T.mean_field_segments("T", "之前的总结", ["好"], ["状态"])
+    segments = templates.mean_field_segments("T", "之前的总结", ["好"], ["状态"])
     assert segments == ("当前话题：T\n过往网友评论总结：之前的总结。\n最新网友讨论情况：\n",
                         "第1个网友的个人资料：状态\n该网友的评论：好。\n", "\n" + MF_INSTRUCTION)
     with pytest.raises(ValueError):
-        T.mean_field_segments("T", "", ["a", "b"], ["s"])
+        templates.mean_field_segments("T", "", ["a", "b"], ["s"])
 
 
 def test_mean_field_instruction_six_aspects_in_order():
-    text = T.mean_field_instruction()
+    text = templates.mean_field_instruction()
     assert text == MF_INSTRUCTION
     positions = [text.index(w) for w in ("立场", "观点分布", "情绪", "行为", "真实性", "意图")]
     assert positions == sorted(positions)
-    en = T.mean_field_instruction(language="en")
+    en = templates.mean_field_instruction(language="en")
     positions = [en.index(w) for w in ("Stance", "Opinions", "Emotion", "Behaviour",
                                        "Perceived truth", "Intent")]
     assert positions == sorted(positions) and "200 words" in en
@@ -213,8 +213,8 @@ def _fields(template: str) -> set:
 
 
 def test_english_templates_mirror_chinese():
-    for field in dataclasses.fields(T.TemplateSet):
-        zh, en = getattr(T.ZH, field.name), getattr(T.EN, field.name)
+    for field in dataclasses.fields(templates.TemplateSet):
+        zh, en = getattr(templates.ZH, field.name), getattr(templates.EN, field.name)
         if isinstance(zh, str):
             assert _fields(zh) == _fields(en), field.name
         elif isinstance(zh, tuple):
@@ -222,14 +222,14 @@ def test_english_templates_mirror_chinese():
 
 
 def test_english_prompts():
-    policy = T.full_text(T.policy_segments("Topic", "State", T.mf_context("m", language="en"),
+    policy = templates.full_text(templates.policy_segments("Topic", "State", templates.mf_context("m", language="en"),
                                            language="en"))
     assert policy == ("The topic under discussion: Topic\nAbove all, take into account how users "
                       "have commented so far: m.\nUser profile: State\nBased on how other users "
                       "have commented, infer this user's likely emotion, opinion and stance, and "
                       "write the repost or comment this user would post: ")
-    segments = T.mean_field_segments("Topic", "", ["hi"], language="en")
+    segments = templates.mean_field_segments("Topic", "", ["hi"], language="en")
     assert segments[:2] == ("Current topic: Topic\nSummary of earlier comments: .\n"
                             "Latest discussion:\n", "Comment of user 1: hi\n")
     with pytest.raises(ValueError, match="no prompt templates"):
-        T.templates_for("fr")
+        templates.templates_for("fr")

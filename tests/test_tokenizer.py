@@ -101,3 +101,29 @@ def test_smollm2_tokenizer(smol):
     # Token-space assembly (head + content + tail) gives the ids of the whole rendered prompt.
     for content in ("Topic: a rumour.\nState: curious.", "谣言。 Reply briefly."):
         assert smol.encode(head) + smol.encode(content) + smol.encode(tail) == smol.encode(head + content + tail)
+
+
+def test_start_tokens_follow_the_tokenizer(tmp_path):
+    """A tokenizer that puts BOS before every text (Llama-style) gets it at the start of every prompt
+    assembled from segments; one that does not (SmolLM2's, Qwen2's), or a chat template that writes its
+    own, gets nothing added."""
+    from tokenizers.processors import TemplateProcessing
+
+    from mfjax.assets import read_fixture_events
+    from mfjax.sim import batch, templates
+    from mfjax.sim.prompts import TokenTemplates
+
+    plain = Tokenizer.from_dir(make_tiny_tokenizer(tmp_path / "plain", chat_template=None))
+    assert plain.start_tokens() == ()
+    hf = plain.hf
+    hf.backend_tokenizer.post_processor = TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    hf.save_pretrained(tmp_path / "bos")
+    bos = Tokenizer.from_dir(tmp_path / "bos")
+    assert bos.encode("话题", add_special_tokens=True)[0] == 1 and bos.start_tokens() == (1,)
+    assert bos.start_tokens("<s>[INST] ") == ()  # a chat head that writes its own BOS
+    tt = TokenTemplates.build(bos, "zh", chat=False, step_size=4)
+    event = read_fixture_events("ced_sample.jsonl")[0]
+    enc = batch.encode_event(event, bos, tt, num_agents=4, step_size=4, algorithm="mf", mf_with_states=False)
+    assert enc.policy_head[0] == 1 and enc.mf_head[0] == 1
+    assert enc.policy_head[1:] == bos.encode(templates.templates_for("zh").topic.format(topic=event.topic))
+    assert TokenTemplates.build(plain, "zh", chat=False, step_size=4).start == ()

@@ -45,9 +45,10 @@ class Engine:
         return cls(model.cfg, model.weights(), tokenizer, **kwargs)
 
     def _encode(self, texts: Sequence[str], chat: bool) -> list[list[int]]:
+        # As HF: a chat template writes its own special tokens; a plain prompt gets the tokenizer's (BOS).
         if chat:
-            texts = [self.tokenizer.apply_chat_template(t) for t in texts]
-        return [self.tokenizer.encode(t) for t in texts]
+            return [self.tokenizer.encode(self.tokenizer.apply_chat_template(t)) for t in texts]
+        return [self.tokenizer.encode(t, add_special_tokens=True) for t in texts]
 
     def _check_ids(self, name: str, rows: Sequence[Sequence[int]], *, allow_empty: bool = False) -> None:
         """Token rows must be non-empty lists of ids in [0, vocab): anything else is a ValueError naming
@@ -103,7 +104,7 @@ class Engine:
             ids = self.generate_ids(self._encode(prompts, chat), gcfg=gcfg, seed=seed)
         else:
             head, tail = tok.chat_template_parts() if chat and tok.has_chat_template else ("", "")
-            prefix = tok.encode(head + shared_prefix)
+            prefix = list(tok.start_tokens(head)) + tok.encode(head + shared_prefix)
             rows = [tok.encode(p + tail) for p in prompts]
             ids = self.generate_ids(rows, prefix=prefix, gcfg=gcfg, seed=seed)
         return [tok.decode(r) for r in ids]
@@ -115,7 +116,7 @@ class Engine:
         if len(prompts) != len(continuations):
             raise ValueError(f"prompts has {len(prompts)} texts but continuations has {len(continuations)}")
         tok = self.tokenizer
-        p_ids = [tok.encode(p) for p in prompts]
+        p_ids = [tok.encode(p, add_special_tokens=True) for p in prompts]  # as HF: BOS where the tokenizer adds one
         c_ids = [tok.encode(c) for c in continuations]
         self._check_ids("prompts", p_ids)
         self._check_ids("continuations", c_ids)

@@ -62,6 +62,20 @@ class Tokenizer:
             [[int(i) for i in ids] for ids in batch], skip_special_tokens=skip_special_tokens
         )
 
+    def start_tokens(self, chat_head: str = "") -> tuple[int, ...]:
+        """The special tokens ``tokenizer(text)`` puts before a text by default (BOS for Llama-, Mistral- and
+        Gemma-style tokenizers; none for Qwen2's or GPT-2's), so that a prompt assembled from separately
+        encoded segments starts as the reference's ``tokenizer(prompt)`` would. Empty when ``chat_head``
+        (a chat template's head) already begins with them."""
+        plain = self.encode("x")
+        special = self.encode("x", add_special_tokens=True)
+        if len(special) <= len(plain) or special[len(special) - len(plain):] != plain:
+            return ()
+        start = tuple(special[:len(special) - len(plain)])
+        if chat_head and tuple(self.encode(chat_head)[:len(start)]) == start:
+            return ()
+        return start
+
     # ------------------------------------------------------------------------------------ chat template
     @property
     def has_chat_template(self) -> bool:

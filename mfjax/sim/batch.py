@@ -166,8 +166,8 @@ def encode_event(event: Event, tokenizer, tt: TokenTemplates, *, num_agents: int
     return EncodedEvent(
         event=event,
         num_agents=len(agents),
-        policy_head=tokenizer.encode(tt.policy_head_text(event.topic)),
-        mf_head=tokenizer.encode(tt.mf_head_pre_text(event.topic)),
+        policy_head=tt.head_ids(tokenizer, tt.policy_head_text(event.topic)),
+        mf_head=tt.head_ids(tokenizer, tt.mf_head_pre_text(event.topic)),
         agent_part=[tokenizer.encode(tt.agent_part_text(s, state_sft=sft)) for s in states],
         mf_state_line=[tokenizer.encode(tt.mf_state_line_pre_text(i % step_size, s)) for i, s in enumerate(states)]
         if mf_with_states else [[] for _ in states],

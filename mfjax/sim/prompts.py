@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mfjax.sim import templates as T
+from mfjax.sim import templates
 
 Segment = tuple  # (tokens [W or 1, L] int32, lengths [W] / scalar) or (tokens [W, L], mask [W, L] bool)
 
@@ -144,6 +144,7 @@ class TokenTemplates:
     """The constant pieces of every prompt, tokenized for one tokenizer and language."""
 
     language: str
+    start: tuple[int, ...]  # special tokens the tokenizer puts before a text by default (e.g. BOS)
     chat_head: Piece
     chat_tail: Piece
     mf_ctx_open: Piece
@@ -161,12 +162,13 @@ class TokenTemplates:
 
     @classmethod
     def build(cls, tokenizer, language: str, *, chat: bool, step_size: int,
-              num_comments: int = max(T.RECENT_K, T.POPULAR_K)) -> "TokenTemplates":
+              num_comments: int = max(templates.RECENT_K, templates.POPULAR_K)) -> "TokenTemplates":
         """Tokenizes every constant piece. ``chat`` wraps prompts in the checkpoint's chat template."""
-        t = T.templates_for(language)
+        t = templates.templates_for(language)
         pad = tokenizer.pad_token_id
         piece = lambda text: Piece(text, tuple(tokenizer.encode(text)) if text else ())
         head, tail = tokenizer.chat_template_parts() if chat and tokenizer.has_chat_template else ("", "")
+        start = tokenizer.start_tokens(head)
         ctx_open, ctx_close = _split(t.mf_context, "m")
         comment_pre, comment_post = _split(t.comment_line, "comment")
         _, head_post = _split(t.mf_head, "m_prev")
@@ -174,6 +176,7 @@ class TokenTemplates:
         _, state_line_post = _split(t.mf_agent_state_line, "action")
         return cls(
             language=language,
+            start=start,
             chat_head=piece(head),
             chat_tail=piece(tail),
             mf_ctx_open=piece(ctx_open),
@@ -187,24 +190,28 @@ class TokenTemplates:
             mf_line_pre=_table(tokenizer, [line_pre.format(i=i) for i in range(1, step_size + 1)], pad),
             mf_line_post=piece(line_post),
             mf_state_line_post=piece(state_line_post),
-            mf_tail=piece(T.mean_field_tail(language=language) + tail),
+            mf_tail=piece(templates.mean_field_tail(language=language) + tail),
         )
 
     # Per-event and per-agent pieces (host, once per run).
+    def head_ids(self, tokenizer, text: str) -> list[int]:
+        """The tokens of a prompt's first segment: the tokenizer's start tokens (e.g. BOS) + ``text``."""
+        return list(self.start) + tokenizer.encode(text)
+
     def policy_head_text(self, topic: str) -> str:
         """Chat head + "当前讨论的话题是：{topic}" — the start of every policy prompt of an event."""
-        return self.chat_head.text + T.templates_for(self.language).topic.format(topic=topic)
+        return self.chat_head.text + templates.templates_for(self.language).topic.format(topic=topic)
 
     def agent_part_text(self, state: str, *, state_sft: bool = False) -> str:
         """State + "\\n" + instruction + chat tail — the agent's own part of the policy prompt."""
-        return T.policy_agent_part(state, language=self.language, state_sft=state_sft) + self.chat_tail.text
+        return templates.policy_agent_part(state, language=self.language, state_sft=state_sft) + self.chat_tail.text
 
     def mf_head_pre_text(self, topic: str) -> str:
         """Chat head + "当前话题：{topic}\\n过往网友评论总结：" — the start of an event's mean-field prompt."""
-        before, _ = _split(T.templates_for(self.language).mf_head, "m_prev")
+        before, _ = _split(templates.templates_for(self.language).mf_head, "m_prev")
         return self.chat_head.text + before.format(topic=topic)
 
     def mf_state_line_pre_text(self, position: int, state: str) -> str:
         """"第{i}个网友的个人资料：{state}\\n该网友的评论：" for an agent at ``position`` (0-based) in its step."""
-        before, _ = _split(T.templates_for(self.language).mf_agent_state_line, "action")
+        before, _ = _split(templates.templates_for(self.language).mf_agent_state_line, "action")
         return before.format(i=position + 1, state=state)
