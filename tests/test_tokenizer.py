@@ -126,4 +126,5 @@ def test_start_tokens_follow_the_tokenizer(tmp_path):
     enc = batch.encode_event(event, bos, tt, num_agents=4, step_size=4, algorithm="mf", mf_with_states=False)
     assert enc.policy_head[0] == 1 and enc.mf_head[0] == 1
     assert enc.policy_head[1:] == bos.encode(templates.templates_for("zh").topic.format(topic=event.topic))
+    plain = Tokenizer.from_dir(tmp_path / "plain")  # the object above was changed in place
     assert TokenTemplates.build(plain, "zh", chat=False, step_size=4).start == ()
