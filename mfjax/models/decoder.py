@@ -25,7 +25,7 @@ import numpy as np
 from mfjax import sharding
 from mfjax.config import ModelConfig
 from mfjax.models import layers
-from mfjax.models.kvcache import KV, DecodeCache, Prefix, key_positions, padded_positions
+from mfjax.models.kvcache import CACHE_AXES, KV, DecodeCache, Prefix, key_positions, padded_positions
 from mfjax.models.lora import LoraWeights
 from mfjax.models.weights import LayerWeights, Weights
 
@@ -80,9 +80,10 @@ def _layer(lw: LayerWeights, x: jax.Array, cfg: ModelConfig, *, rope: layers.Rop
            lora: Optional[LoraWeights], plan):
     """One decoder layer over x [B, T, D].
 
-    Keys/values: with ``cache = (k [B, S, K, H], v, pos [B, S], index)`` this chunk is written at ``index`` and
-    attention reads the cache (decode); otherwise it reads this chunk's own keys at ``own_pos`` (prefill).
-    ``prefix_kv = (k [E, P, K, H], v, pos [E, P])`` is a grouped prefix read by B / E rows each.
+    Keys/values: with ``cache = (k [B, K, S, H], v, pos [B, S], index)`` (heads-major) this chunk is written at
+    ``index`` and attention reads the cache (decode); otherwise it reads this chunk's own keys at ``own_pos``
+    (prefill). ``prefix_kv = (k, v, pos [E, P])`` is a grouped prefix read by B / E rows each: [E, P, K, H]
+    in a prefill, heads-major [E, K, P, H] in decode (``cache`` given).
     Returns (x, (k, v) of this chunk, or the updated cache arrays).
     """
     pair = (lambda t: getattr(lora, t)) if lora is not None else (lambda t: None)
@@ -99,15 +100,16 @@ def _layer(lw: LayerWeights, x: jax.Array, cfg: ModelConfig, *, rope: layers.Rop
 
     if cache is not None:
         ck, cv, cpos, index = cache
-        ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, index, 0, 0))
-        cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, index, 0, 0))
-        segments = [layers.KVSegment(ck, cv, cpos)]
+        heads_major = lambda a: a.transpose(0, 2, 1, 3).astype(ck.dtype)  # [B, T, K, H] -> [B, K, T, H]
+        ck = jax.lax.dynamic_update_slice(ck, heads_major(k), (0, 0, index, 0))
+        cv = jax.lax.dynamic_update_slice(cv, heads_major(v), (0, 0, index, 0))
+        segments = [layers.KVSegment(ck, cv, cpos, heads_major=True)]
         out_kv = (ck, cv)
     else:
         segments = [layers.KVSegment(k, v, own_pos)]
         out_kv = (k, v)
     if prefix_kv is not None:
-        segments.insert(0, layers.KVSegment(*prefix_kv, grouped=True))
+        segments.insert(0, layers.KVSegment(*prefix_kv, grouped=True, heads_major=cache is not None))
 
     attn = layers.attention(q, segments, q_pos, scale=cfg.attention_scale, window=window,
                             softcap=cfg.attn_logit_softcap, impl=attn_impl)
@@ -187,7 +189,8 @@ def decode_step(view: DecodeView, cfg: ModelConfig, tokens: jax.Array, positions
                 index, *, prefix: Optional[tuple] = None, attn_impl: str = "xla",
                 plan=None) -> tuple[jax.Array, DecodeCache]:
     """One chunk (usually one token) per row: tokens, positions [B, T] written at slot ``index`` of the cache,
-    layers unrolled. ``prefix`` = (per-layer keys, per-layer values, positions [E, P]) of a grouped prefix.
+    layers unrolled. ``prefix`` = (per-layer keys, per-layer values, positions [E, P]) of a grouped prefix,
+    heads-major as :meth:`~mfjax.models.kvcache.Prefix.per_layer` gives them.
     Returns (final-normed hidden states [B, T, D], updated cache)."""
     positions = positions.astype(jnp.int32)
     rope = _rope(cfg, positions)
@@ -200,8 +203,8 @@ def decode_step(view: DecodeView, cfg: ModelConfig, tokens: jax.Array, positions
                              cache=(cache.k[i], cache.v[i], cache_pos, index),
                              prefix_kv=None if prefix is None else (prefix[0][i], prefix[1][i], prefix[2]),
                              attn_impl=attn_impl, lora=None, plan=plan)
-        new_k.append(sharding.constrain(ck, ("cache_batch", "cache_seq", "cache_heads", "head_dim"), plan))
-        new_v.append(sharding.constrain(cv, ("cache_batch", "cache_seq", "cache_heads", "head_dim"), plan))
+        new_k.append(sharding.constrain(ck, CACHE_AXES, plan))
+        new_v.append(sharding.constrain(cv, CACHE_AXES, plan))
     x = layers.rms_norm(x, view.final_norm, cfg.rms_norm_eps, cfg.norm_plus_one)
     return x, DecodeCache(k=tuple(new_k), v=tuple(new_v), pos=cache_pos)
 

@@ -7,12 +7,14 @@ padding, per-row lengths and gaps all reduce to one causal test ``key_pos <= que
   (the scanned prefill's output). A prefill attends to its own chunk and a prefix only: no empty decode
   slots are read.
 * :class:`Prefix` — a group prefix prefilled once and read by B / E rows each (cascade attention).
-* :class:`DecodeCache` — one array per layer ``[B, S, K, H]`` (a tuple): the decode layout. Unrolled
-  layers with separate caches keep XLA from copying a stacked cache every token (DESIGN.md, measured).
-  It is built once per generation from the prefill's keys and values of the prompt (never from scored
-  continuations, which would be dead slots read by every decode step) plus room for the new tokens.
+* :class:`DecodeCache` — one array per layer ``[B, K, S, H]`` (a tuple; heads before slots, so the
+  attention dots of every decode step read the cache as it lies, without a transpose): the decode
+  layout. Unrolled layers with separate caches keep XLA from copying a stacked cache every token
+  (DESIGN.md, measured). It is built once per generation from the prefill's keys and values of the
+  prompt (never from scored continuations, which would be dead slots read by every decode step) plus
+  room for the new tokens.
 
-Logical axes of the cache arrays: ('cache_batch', 'cache_seq', 'cache_heads', 'head_dim').
+Logical axes of the decode cache arrays: ('cache_batch', 'cache_heads', 'cache_seq', 'head_dim').
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import jax.numpy as jnp
 
 from mfjax.models.layers import INVALID_POS
 
-CACHE_AXES = ("cache_batch", "cache_seq", "cache_heads", "head_dim")
+CACHE_AXES = ("cache_batch", "cache_heads", "cache_seq", "head_dim")
 
 
 @jax.tree_util.register_dataclass
@@ -52,16 +54,18 @@ class Prefix:
         return self.tokens.shape[0]
 
     def per_layer(self) -> tuple[tuple, tuple, jax.Array]:
-        """(keys per layer, values per layer, positions [E, P]): static slices for unrolled decode layers;
-        take them once, outside the decode loop."""
+        """(keys per layer, values per layer, positions [E, P]) for unrolled decode layers, heads-major
+        [E, K, P, H] like the decode cache; take them once, outside the decode loop."""
         L = self.kv.k.shape[0]
-        return tuple(self.kv.k[i] for i in range(L)), tuple(self.kv.v[i] for i in range(L)), self.kv.pos
+        heads_major = lambda a: a.transpose(0, 2, 1, 3)
+        return (tuple(heads_major(self.kv.k[i]) for i in range(L)), tuple(heads_major(self.kv.v[i]) for i in range(L)),
+                self.kv.pos)
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class DecodeCache:
-    """One key and one value array per layer [B, S, K, H], and the position held in each slot [B, S]."""
+    """One key and one value array per layer [B, K, S, H], and the position held in each slot [B, S]."""
 
     k: tuple
     v: tuple
@@ -73,19 +77,15 @@ class DecodeCache:
 
     @classmethod
     def from_prefill(cls, kv: KV, keep: int, room: int) -> "DecodeCache":
-        """The first ``keep`` slots of a prefill's keys and values, per layer, plus ``room`` empty slots."""
-        L, B = kv.k.shape[:2]
-        pad = lambda a: jnp.concatenate([a[:, :keep], jnp.zeros((B, room) + a.shape[2:], a.dtype)], axis=1)
+        """The first ``keep`` slots of a prefill's keys and values, per layer and heads-major, plus ``room``
+        empty slots."""
+        L, B, _, K, H = kv.k.shape
+        pad = lambda a: jnp.concatenate([a[:, :keep].transpose(0, 2, 1, 3), jnp.zeros((B, K, room, H), a.dtype)],
+                                        axis=2)
         k = tuple(pad(kv.k[i]) for i in range(L))
         v = tuple(pad(kv.v[i]) for i in range(L))
         pos = jnp.concatenate([kv.pos[:, :keep], jnp.full((B, room), INVALID_POS, jnp.int32)], axis=1)
         return cls(k=k, v=v, pos=pos)
-
-    def write(self, layer: int, k: jax.Array, v: jax.Array, index) -> tuple[jax.Array, jax.Array]:
-        """Layer ``layer``'s arrays with k, v [B, T, K, H] written at slot ``index`` (returns the new arrays)."""
-        ck = jax.lax.dynamic_update_slice(self.k[layer], k.astype(self.k[layer].dtype), (0, index, 0, 0))
-        cv = jax.lax.dynamic_update_slice(self.v[layer], v.astype(self.v[layer].dtype), (0, index, 0, 0))
-        return ck, cv
 
 
 def key_positions(positions: jax.Array) -> jax.Array:

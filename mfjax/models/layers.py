@@ -86,13 +86,24 @@ class KVSegment:
     """Keys/values a query attends to, with the absolute position of each key.
 
     ``grouped`` segments (a shared prefix) have leading dim E = B / R and are read once for the R rows
-    of each group (cascade attention) instead of being copied per row.
+    of each group (cascade attention) instead of being copied per row. ``heads_major`` segments hold
+    [B or E, K, S, H] (a decode cache): the batch dims of the attention dots lead, so no transpose of the
+    whole cache is made at every decode step.
     """
 
-    k: jax.Array  # [B or E, S, K, H]
-    v: jax.Array  # [B or E, S, K, H]
+    k: jax.Array  # [B or E, S, K, H], or [B or E, K, S, H] when heads_major
+    v: jax.Array
     pos: jax.Array  # [B or E, S] int32, INVALID_POS where empty
     grouped: bool = False
+    heads_major: bool = False
+
+    @property
+    def length(self) -> int:
+        return self.k.shape[2] if self.heads_major else self.k.shape[1]
+
+    @property
+    def kv_heads(self) -> int:
+        return self.k.shape[1] if self.heads_major else self.k.shape[2]
 
 
 def _attention_mask(q_pos: jax.Array, k_pos: jax.Array, window: jax.Array | int | None) -> jax.Array:
@@ -126,19 +137,21 @@ def attention(
     if impl in ("cudnn", "jax") and softcap is None and not any(s.grouped for s in segments):
         return _attention_dot_product(q, segments, q_pos, scale=scale, window=window, impl=impl)
     B, T, N, H = q.shape
-    K = segments[0].k.shape[-2]
+    K = segments[0].kv_heads
     G = N // K
     qg = q.reshape(B, T, K, G, H)
     scores, masks = [], []
     for seg in segments:
+        kv = "ekph" if seg.heads_major else "epkh"
         if seg.grouped:
             E = seg.k.shape[0]
             R = B // E
-            s = jnp.einsum("ertkgh,epkh->erkgtp", qg.reshape(E, R, T, K, G, H), seg.k,
+            s = jnp.einsum(f"ertkgh,{kv}->erkgtp", qg.reshape(E, R, T, K, G, H), seg.k,
                            preferred_element_type=jnp.float32).reshape(B, K, G, T, -1)
             m = _attention_mask(q_pos, jnp.repeat(seg.pos, R, axis=0), window)
         else:
-            s = jnp.einsum("btkgh,bskh->bkgts", qg, seg.k, preferred_element_type=jnp.float32)
+            s = jnp.einsum(f"btkgh,{kv.replace('e', 'b').replace('p', 's')}->bkgts", qg, seg.k,
+                           preferred_element_type=jnp.float32)
             m = _attention_mask(q_pos, seg.pos, window)
         scores.append(s)
         masks.append(m)
@@ -156,24 +169,27 @@ def attention(
     out = jnp.zeros((B, T, K, G, H), jnp.float32)
     start = 0
     for seg in segments:
-        length = seg.k.shape[1]
+        length = seg.length
         p = probs[..., start:start + length].astype(seg.v.dtype)
         start += length
+        kv = "ekph" if seg.heads_major else "epkh"
         if seg.grouped:
             E = seg.v.shape[0]
             R = B // E
-            o = jnp.einsum("erkgtp,epkh->ertkgh", p.reshape(E, R, K, G, T, length), seg.v,
+            o = jnp.einsum(f"erkgtp,{kv}->ertkgh", p.reshape(E, R, K, G, T, length), seg.v,
                            preferred_element_type=jnp.float32).reshape(B, T, K, G, H)
         else:
-            o = jnp.einsum("bkgts,bskh->btkgh", p, seg.v, preferred_element_type=jnp.float32)
+            o = jnp.einsum(f"bkgts,{kv.replace('e', 'b').replace('p', 's')}->btkgh", p, seg.v,
+                           preferred_element_type=jnp.float32)
         out = out + o
     return out.reshape(B, T, N, H).astype(q.dtype)
 
 
 def _attention_dot_product(q, segments, q_pos, *, scale, window, impl):
     """``jax.nn.dot_product_attention`` path (cuDNN on GPU) for per-row segments."""
-    k = jnp.concatenate([seg.k for seg in segments], axis=1)
-    v = jnp.concatenate([seg.v for seg in segments], axis=1)
+    rows_major = lambda a, seg: a.transpose(0, 2, 1, 3) if seg.heads_major else a  # the kernel takes [B, S, K, H]
+    k = jnp.concatenate([rows_major(seg.k, seg) for seg in segments], axis=1)
+    v = jnp.concatenate([rows_major(seg.v, seg) for seg in segments], axis=1)
     mask = _attention_mask(q_pos, jnp.concatenate([seg.pos for seg in segments], axis=1), window)
     # A query with no visible key (padding) would give NaN in the fused kernel: let it see key 0;
     # its output is discarded by the caller anyway.
