@@ -32,3 +32,20 @@ def smollm2_dir():
         return smollm2.smollm2_hf_dir()
     except smollm2.SmolLM2NotInstalled as e:
         pytest.skip(str(e))
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(smollm2_dir, tmp_path_factory):
+    """A tiny random Llama saved as an HF folder with SmolLM2's tokenizer and chat template (launcher tests)."""
+    import jax
+
+    from mfjax.config import ModelConfig
+    from mfjax.io.hf import save_hf
+    from mfjax.models.weights import init_weights
+
+    cfg = ModelConfig(model_type="llama", vocab_size=49152, hidden_size=64, intermediate_size=128, num_layers=2,
+                      num_heads=4, num_kv_heads=2, head_dim=16, tie_word_embeddings=True, eos_token_ids=(2,),
+                      bos_token_id=1)
+    out = str(tmp_path_factory.mktemp("tiny_llama"))
+    save_hf(out, cfg, init_weights(cfg, jax.random.key(0), std=0.05), tokenizer_dir=smollm2_dir)
+    return out

@@ -10,25 +10,10 @@ import socket
 import subprocess
 import sys
 
-import jax
-import pytest
 
 from mfjax.assets import events_path
-from mfjax.config import ModelConfig
-from mfjax.io.hf import save_hf
-from mfjax.models.weights import init_weights
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(smollm2_dir, tmp_path_factory):
-    cfg = ModelConfig(model_type="llama", vocab_size=49152, hidden_size=64, intermediate_size=128, num_layers=2,
-                      num_heads=4, num_kv_heads=2, head_dim=16, tie_word_embeddings=True, eos_token_ids=(2,),
-                      bos_token_id=1)
-    out = str(tmp_path_factory.mktemp("tiny_llama_mp"))
-    save_hf(out, cfg, init_weights(cfg, jax.random.key(1), std=0.05), tokenizer_dir=smollm2_dir)
-    return out
 
 
 def _free_port() -> int:
@@ -54,8 +39,8 @@ def _outputs(out_dir):
     return rows
 
 
-def test_two_processes_equal_one(tiny_model_dir, tmp_path):
-    flags = [os.path.join(REPO, "launch", "simulate.py"), f"--policy_model={tiny_model_dir}",
+def test_two_processes_equal_one(tiny_llama_dir, tmp_path):
+    flags = [os.path.join(REPO, "launch", "simulate.py"), f"--policy_model={tiny_llama_dir}",
              f"--events={events_path('ced_sample.jsonl')}", "--num_agents=8", "--batch_size=4", "--warmup_steps=1",
              "--max_new_tokens=4", "--mf_max_new_tokens=6", "--seeds=0,1", "--worlds_per_batch=8", "--mesh=data=8",
              "--temperature=0.8"]

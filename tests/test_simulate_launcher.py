@@ -14,26 +14,12 @@ import jax
 import pytest
 
 from mfjax.assets import events_path, read_fixture_events
-from mfjax.config import ModelConfig
 from mfjax.data.jsonl import event_to_dict, write_jsonl
-from mfjax.io.hf import save_hf
 from mfjax.io.tokenizer import Tokenizer
-from mfjax.models.weights import init_weights
 from mfjax.sim import templates
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CED = str(events_path("ced_sample.jsonl"))
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(smollm2_dir, tmp_path_factory):
-    """A tiny random Llama saved as an HF folder with SmolLM2's tokenizer and chat template."""
-    cfg = ModelConfig(model_type="llama", vocab_size=49152, hidden_size=64, intermediate_size=128, num_layers=2,
-                      num_heads=4, num_kv_heads=2, head_dim=16, tie_word_embeddings=True, eos_token_ids=(2,),
-                      bos_token_id=1)
-    out = str(tmp_path_factory.mktemp("tiny_llama"))
-    save_hf(out, cfg, init_weights(cfg, jax.random.key(0), std=0.05), tokenizer_dir=smollm2_dir)
-    return out
 
 
 def simulate(*flags, check=True):
@@ -63,12 +49,12 @@ def _read_jsonl(path):
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
 
 
-def test_simulate_writes_worlds_prompts_and_resumes(tiny_model_dir, tmp_path):
+def test_simulate_writes_worlds_prompts_and_resumes(tiny_llama_dir, tmp_path):
     out_dir = tmp_path / "run"
     overrides = tmp_path / "overrides.json"
     overrides.write_text(json.dumps({"interventions": [{"step": 1, "position": 2, "text": "求真相"}],
                                      "key_nodes": [{"step": 1, "position": 0}]}), encoding="utf-8")
-    flags = [f"--policy_model={tiny_model_dir}", f"--events={CED}", "--num_events=1", "--num_agents=8",
+    flags = [f"--policy_model={tiny_llama_dir}", f"--events={CED}", "--num_events=1", "--num_agents=8",
              "--batch_size=4", "--warmup_steps=1", "--max_new_tokens=4", "--mf_max_new_tokens=6", "--seeds=0,1",
              "--worlds_per_batch=8", "--mesh=data=1", f"--interventions={overrides}", "--dump_prompts=5",
              f"--out_dir={out_dir}"]
@@ -100,7 +86,7 @@ def test_simulate_writes_worlds_prompts_and_resumes(tiny_model_dir, tmp_path):
     assert rows[4]["mean_field"] == trajectory["trajectory"][0]["mean_field"]
 
     # The prompt dump holds exactly the SPEC text each model read.
-    tok = Tokenizer.from_dir(tiny_model_dir)
+    tok = Tokenizer.from_dir(tiny_llama_dir)
     head, tail = tok.chat_template_parts()
     prompts = _read_jsonl(out_dir / worlds[0].replace(".jsonl", ".prompts.jsonl"))
     policy = [p for p in prompts if p["model"] == "policy"]
@@ -126,8 +112,8 @@ def test_simulate_writes_worlds_prompts_and_resumes(tiny_model_dir, tmp_path):
 
 @pytest.mark.parametrize("case", ["warmup", "position", "event_id", "strict_empty", "warmup_steps", "seeds",
                                   "missing_events"])
-def test_bad_input_is_refused_before_loading(tiny_model_dir, tmp_path, case):
-    base = [f"--policy_model={tiny_model_dir}", f"--events={CED}", "--num_agents=8", "--batch_size=4",
+def test_bad_input_is_refused_before_loading(tiny_llama_dir, tmp_path, case):
+    base = [f"--policy_model={tiny_llama_dir}", f"--events={CED}", "--num_agents=8", "--batch_size=4",
             "--warmup_steps=1", f"--out_dir={tmp_path / 'o'}"]
     spec = {"warmup": {"interventions": [{"step": 0, "position": 1, "text": "x"}]},
             "position": {"key_nodes": [{"step": 1, "position": 4}]},
@@ -154,7 +140,7 @@ def test_bad_input_is_refused_before_loading(tiny_model_dir, tmp_path, case):
         assert str(tmp_path / "nope") in refused(*base[:1], f"--events={tmp_path / 'nope'}", *base[2:])
 
 
-def test_settings_resolved_before_loading(tiny_model_dir, tmp_path):
+def test_settings_resolved_before_loading(tiny_llama_dir, tmp_path):
     """The plain demo, the embedded model on the user's events, a single-event .json file, the mean field's
     sampling from the checkpoint's generation config, and the popular baseline's fallback warning."""
     demo, _ = dry_run(f"--out_dir={tmp_path / 'demo'}")
@@ -166,12 +152,12 @@ def test_settings_resolved_before_loading(tiny_model_dir, tmp_path):
     one = tmp_path / "one_event.json"
     one.write_text(json.dumps(event_to_dict(read_fixture_events("ced_sample.jsonl")[1]), ensure_ascii=False),
                    encoding="utf-8")
-    single, _ = dry_run(f"--policy_model={tiny_model_dir}", f"--events={one}", "--num_agents=32", "--warmup_steps=1",
+    single, _ = dry_run(f"--policy_model={tiny_llama_dir}", f"--events={one}", "--num_agents=32", "--warmup_steps=1",
                         f"--out_dir={tmp_path / 'one'}")
     assert single["event_ids"] == [read_fixture_events("ced_sample.jsonl")[1].event_id]
 
     tuned = tmp_path / "tuned"
-    shutil.copytree(tiny_model_dir, tuned)
+    shutil.copytree(tiny_llama_dir, tuned)
     (tuned / "generation_config.json").write_text(json.dumps({"top_k": 20, "top_p": 0.8, "temperature": 0.7,
                                                               "do_sample": True}), encoding="utf-8")
     resolved, proc = dry_run(f"--policy_model={tuned}", f"--events={CED}", "--num_agents=32", "--warmup_steps=1", "--alg=popular",

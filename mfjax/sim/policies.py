@@ -5,6 +5,7 @@ Each algorithm owns its slice of the rollout's scan carry, the token segments it
 them by name; adding a baseline is one class here plus its entry in :data:`ALGORITHMS`:
 
 * ``name`` and, when it differs, the agent instruction (``state_sft`` uses the SFT baseline's);
+* (comment-list baselines subclass :class:`CommentList` and set a header, a window and a selection);
 * :meth:`Algorithm.init` — its carry for W worlds (``()`` when it keeps nothing);
 * :meth:`Algorithm.context_width` / :meth:`Algorithm.context` — its prompt segments and their width;
 * :meth:`Algorithm.update` — its carry after a step's actions (and the new mean field, for ``mf``).
@@ -123,61 +124,61 @@ class MeanField(Algorithm):
         return carry.m, carry.m_len
 
 
-def _comment_list(tt: TokenTemplates, header, window: CommentWindow) -> list:
-    """Header + "第{i}位网友评论：{c}。\\n" for the valid comments (numbered from 1, in order)."""
-    any_valid = jnp.any(window.valid, axis=1)
-    number = jnp.clip(jnp.cumsum(window.valid, axis=1) - 1, 0, tt.comment_pre.tokens.shape[0] - 1)
-    pre_tokens, pre_lengths = prompts.pick(tt.comment_pre, number)  # [W, K, Lp], [W, K]
-    post = prompts.constant(tt.comment_post)
-    block = prompts.lines_block([(pre_tokens, pre_lengths), (window.tokens, window.lengths),
-                                 (post[0][:, None, :], post[1])], window.valid)
-    return [prompts.gated(prompts.constant(header), any_valid), block]
+class CommentList(Algorithm):
+    """A list of past comments as the context: a header + "第{i}位网友评论：{c}。\n" per comment (numbered
+    from 1, in order). The carry is a window of the last ``window`` actions; :meth:`select` picks the
+    ``shown`` ones the policy reads."""
 
-
-def _comment_list_width(tt: TokenTemplates, header, k: int, widths: Widths) -> int:
-    return len(header.tokens) + k * (tt.comment_pre.tokens.shape[1] + widths.action + len(tt.comment_post.tokens))
-
-
-class Recent(Algorithm):
-    """The 5 most recent actions: "最新的网友评论如下：" + one line each."""
-
-    name = "recent"
+    header: ClassVar[str]  # the TokenTemplates piece of the header
+    window: ClassVar[int]
+    shown: ClassVar[int]
 
     def init(self, W, widths, mean_field_width):
-        return CommentWindow.empty(W, templates.RECENT_K, widths.action)
+        return CommentWindow.empty(W, self.window, widths.action)
 
     def context_width(self, tt, widths, mean_field_width):
-        return _comment_list_width(tt, tt.recent_header, templates.RECENT_K, widths)
+        per_line = tt.comment_pre.tokens.shape[1] + widths.action + len(tt.comment_post.tokens)
+        return len(getattr(tt, self.header).tokens) + self.shown * per_line
+
+    def select(self, carry: CommentWindow) -> CommentWindow:
+        return carry
 
     def context(self, tt, carry):
-        return _comment_list(tt, tt.recent_header, carry)
+        shown = self.select(carry)
+        any_valid = jnp.any(shown.valid, axis=1)
+        number = jnp.clip(jnp.cumsum(shown.valid, axis=1) - 1, 0, tt.comment_pre.tokens.shape[0] - 1)
+        pre_tokens, pre_lengths = prompts.pick(tt.comment_pre, number)  # [W, K, Lp], [W, K]
+        post = prompts.constant(tt.comment_post)
+        block = prompts.lines_block([(pre_tokens, pre_lengths), (shown.tokens, shown.lengths),
+                                     (post[0][:, None, :], post[1])], shown.valid)
+        return [prompts.gated(prompts.constant(getattr(tt, self.header)), any_valid), block]
 
     def update(self, carry, step):
         return carry.push(step)
 
 
-class Popular(Algorithm):
+class Recent(CommentList):
+    """The 5 most recent actions: "最新的网友评论如下：" + one line each."""
+
+    name = "recent"
+    header = "recent_header"
+    window = shown = templates.RECENT_K
+
+
+class Popular(CommentList):
     """The 5 most-followed of the last 30 actions: "当前最热门的评论如下：" + one line each. Ties and unknown
     follower counts (-1) keep time order, so without follower data it is the 5 oldest of the window."""
 
     name = "popular"
+    header = "popular_header"
+    window, shown = templates.POPULAR_WINDOW, templates.POPULAR_K
 
-    def init(self, W, widths, mean_field_width):
-        return CommentWindow.empty(W, templates.POPULAR_WINDOW, widths.action)
-
-    def context_width(self, tt, widths, mean_field_width):
-        return _comment_list_width(tt, tt.popular_header, templates.POPULAR_K, widths)
-
-    def context(self, tt, carry):
+    def select(self, carry):
         key = jnp.where(carry.valid, carry.followers, -2)  # most followers first; empty slots last
-        order = jnp.argsort(-key, axis=1, stable=True)[:, :templates.POPULAR_K]
+        order = jnp.argsort(-key, axis=1, stable=True)[:, :self.shown]
         take = lambda x: jnp.take_along_axis(x, order.reshape(order.shape + (1,) * (x.ndim - 2)), axis=1)
-        top = CommentWindow(tokens=take(carry.tokens), lengths=take(carry.lengths), valid=take(carry.valid),
-                            followers=take(carry.followers))
-        return _comment_list(tt, tt.popular_header, top)
-
-    def update(self, carry, step):
-        return carry.push(step)
+        return CommentWindow(tokens=take(carry.tokens), lengths=take(carry.lengths), valid=take(carry.valid),
+                             followers=take(carry.followers))
 
 
 ALGORITHMS: dict[str, type[Algorithm]] = {cls.name: cls for cls in (MeanField, Algorithm, StateSFT, Recent, Popular)}
