@@ -162,15 +162,13 @@ def attention(
     logits = jnp.where(mask, logits, -jnp.inf)
     row_max = jnp.max(logits, axis=-1, keepdims=True)
     row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
-    weights = jnp.exp(logits - row_max)
-    denom = jnp.sum(weights, axis=-1, keepdims=True)
-    probs = weights / jnp.where(denom > 0, denom, 1.0)
-
+    weights = jnp.exp(logits - row_max)  # unnormalised: the division happens on the [.., H] output below,
+    denom = jnp.sum(weights, axis=-1)  # one pass over the scores fewer than normalising the weights
     out = jnp.zeros((B, T, K, G, H), jnp.float32)
     start = 0
     for seg in segments:
         length = seg.length
-        p = probs[..., start:start + length].astype(seg.v.dtype)
+        p = weights[..., start:start + length].astype(seg.v.dtype)
         start += length
         kv = "ekph" if seg.heads_major else "epkh"
         if seg.grouped:
@@ -182,6 +180,8 @@ def attention(
             o = jnp.einsum(f"bkgts,{kv.replace('e', 'b').replace('p', 's')}->btkgh", p, seg.v,
                            preferred_element_type=jnp.float32)
         out = out + o
+    denom = denom.transpose(0, 3, 1, 2)[..., None]  # [B, K, G, T] -> [B, T, K, G, 1]
+    out = out / jnp.where(denom > 0, denom, 1.0)  # rows with no visible key (padding) stay 0
     return out.reshape(B, T, N, H).astype(q.dtype)
 
 
