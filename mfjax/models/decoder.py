@@ -113,7 +113,14 @@ def _layer(lw: LayerWeights, x: jax.Array, cfg: ModelConfig, *, rope: layers.Rop
 
     attn = layers.attention(q, segments, q_pos, scale=cfg.attention_scale, window=window,
                             softcap=cfg.attn_logit_softcap, impl=attn_impl)
-    out = _proj(attn, lw.o, "btnh,nhd->btd", pair("o"), s, _LORA_EQ["o"])
+    # The heads flattened in their logical order behind a barrier: otherwise XLA may match the attention
+    # output's internal layout by transposing the [N, H, D] weight instead, at every layer and token.
+    B, T = attn.shape[:2]
+    attn = jax.lax.optimization_barrier(attn.reshape(B, T, -1))
+    o_pair = pair("o")
+    if o_pair is not None:
+        o_pair = dataclasses.replace(o_pair, a=o_pair.a.reshape(-1, o_pair.a.shape[-1]))
+    out = _proj(attn, lw.o.reshape(-1, lw.o.shape[-1]), "btf,fd->btd", o_pair, s, ("btf,fr->btr", "btr,rd->btd"))
     if cfg.sandwich_norms:
         out = layers.rms_norm(out, lw.post_attn_norm, cfg.rms_norm_eps, cfg.norm_plus_one)
     x = x + out

@@ -139,49 +139,52 @@ def attention(
     B, T, N, H = q.shape
     K = segments[0].kv_heads
     G = N // K
-    qg = q.reshape(B, T, K, G, H)
+    # The G query heads of a kv-head ride the query axis: [B, K, T·G, H]. Scores and outputs are then plain
+    # batched matmuls over (b, k) whose operands XLA reads as they lie (no layout copy of the scores).
+    TG = T * G
+    qh = q.reshape(B, T, K, G, H).transpose(0, 2, 1, 3, 4).reshape(B, K, TG, H)
+    heads_major = lambda a, seg: a if seg.heads_major else a.transpose(0, 2, 1, 3)  # -> [b, K, S, H]
     scores, masks = [], []
     for seg in segments:
-        kv = "ekph" if seg.heads_major else "epkh"
+        k = heads_major(seg.k, seg)
         if seg.grouped:
-            E = seg.k.shape[0]
+            E = k.shape[0]
             R = B // E
-            s = jnp.einsum(f"ertkgh,{kv}->erkgtp", qg.reshape(E, R, T, K, G, H), seg.k,
-                           preferred_element_type=jnp.float32).reshape(B, K, G, T, -1)
+            s = jnp.einsum("erkqh,ekph->erkqp", qh.reshape(E, R, K, TG, H), k,
+                           preferred_element_type=jnp.float32).reshape(B, K, TG, -1)
             m = _attention_mask(q_pos, jnp.repeat(seg.pos, R, axis=0), window)
         else:
-            s = jnp.einsum(f"btkgh,{kv.replace('e', 'b').replace('p', 's')}->bkgts", qg, seg.k,
-                           preferred_element_type=jnp.float32)
+            s = jnp.einsum("bkqh,bksh->bkqs", qh, k, preferred_element_type=jnp.float32)
             m = _attention_mask(q_pos, seg.pos, window)
         scores.append(s)
         masks.append(m)
     logits = jnp.concatenate(scores, axis=-1) * scale
     if softcap is not None:
         logits = jnp.tanh(logits / softcap) * softcap
-    mask = jnp.concatenate(masks, axis=-1)[:, None, None]  # [B, 1, 1, T, S]
+    mask = jnp.concatenate(masks, axis=-1)  # [B, T, S] -> every query head of a position: [B, 1, T·G, S]
+    mask = jnp.broadcast_to(mask[:, None, :, None, :], (B, 1, T, G, mask.shape[-1])).reshape(B, 1, TG, -1)
     logits = jnp.where(mask, logits, -jnp.inf)
     row_max = jnp.max(logits, axis=-1, keepdims=True)
     row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
     weights = jnp.exp(logits - row_max)  # unnormalised: the division happens on the [.., H] output below,
-    denom = jnp.sum(weights, axis=-1)  # one pass over the scores fewer than normalising the weights
-    out = jnp.zeros((B, T, K, G, H), jnp.float32)
+    denom = jnp.sum(weights, axis=-1, keepdims=True)  # one pass over the scores fewer than normalising them
+    out = jnp.zeros((B, K, TG, H), jnp.float32)
     start = 0
     for seg in segments:
         length = seg.length
         p = weights[..., start:start + length].astype(seg.v.dtype)
         start += length
-        kv = "ekph" if seg.heads_major else "epkh"
+        v = heads_major(seg.v, seg)
         if seg.grouped:
-            E = seg.v.shape[0]
+            E = v.shape[0]
             R = B // E
-            o = jnp.einsum(f"erkgtp,{kv}->ertkgh", p.reshape(E, R, K, G, T, length), seg.v,
-                           preferred_element_type=jnp.float32).reshape(B, T, K, G, H)
+            o = jnp.einsum("erkqp,ekph->erkqh", p.reshape(E, R, K, TG, length), v,
+                           preferred_element_type=jnp.float32).reshape(B, K, TG, H)
         else:
-            o = jnp.einsum(f"bkgts,{kv.replace('e', 'b').replace('p', 's')}->btkgh", p, seg.v,
-                           preferred_element_type=jnp.float32)
+            o = jnp.einsum("bkqs,bksh->bkqh", p, v, preferred_element_type=jnp.float32)
         out = out + o
-    denom = denom.transpose(0, 3, 1, 2)[..., None]  # [B, K, G, T] -> [B, T, K, G, 1]
     out = out / jnp.where(denom > 0, denom, 1.0)  # rows with no visible key (padding) stay 0
+    out = out.reshape(B, K, T, G, H).transpose(0, 2, 1, 3, 4)
     return out.reshape(B, T, N, H).astype(q.dtype)
 
 
