@@ -178,7 +178,9 @@ def encode_event(event: Event, tokenizer, tt: TokenTemplates, *, num_agents: int
     )
 
 
-def _round_up(n: int, multiple: int = 64) -> int:
+def _round_up(n: int, multiple: int = 16) -> int:
+    # 16-token steps: every padded token of a prompt buffer is computed like a real one in the prefill, so
+    # coarser rounding costs compute on every step; 16 still lets similar datasets share a compile.
     return max(multiple, -(-n // multiple) * multiple)
 
 
@@ -193,8 +195,7 @@ def widths_for(encoded: Sequence[EncodedEvent], tt: TokenTemplates, tokenizer, *
     """
     longest = lambda rows: max((len(r) for r in rows), default=1)
     texts = {o.text: len(tokenizer.encode(o.text)) for o in overrides if o.kind == "intervention"}
-    action_width = _round_up(max([generated_width, *texts.values()]
-                                 + [longest(e.real_action) for e in encoded]), 16)
+    action_width = _round_up(max([generated_width, *texts.values()] + [longest(e.real_action) for e in encoded]))
     line_pre = tt.mf_line_pre.lengths
     line_post = len((tt.mf_state_line_post if mf_with_states else tt.mf_line_post).tokens)
     lines_width = 0
@@ -219,7 +220,7 @@ def widths_for(encoded: Sequence[EncodedEvent], tt: TokenTemplates, tokenizer, *
         agent_part=_round_up(max(longest(e.agent_part) for e in encoded)),
         mf_head=_round_up(max(len(e.mf_head) for e in encoded)),
         mf_state_line=max(1, max(longest(e.mf_state_line) for e in encoded)),
-        mf_lines=_round_up(lines_width, 16),
+        mf_lines=_round_up(lines_width),
     )
 
 
