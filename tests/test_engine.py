@@ -305,8 +305,9 @@ def _counting_decode_step(counter):
 @pytest.mark.parametrize("early_stop", [True, False])
 def test_stop_lengths_and_early_exit(tiny, monkeypatch, early_stop):
     """Every row stops at step 0 (every token is a stop token): lengths 1, pad after the stop, finished,
-    and the decode loop leaves after one step with early stop. Without early stop it runs all M steps:
-    the control that shows the counter counts loop iterations, not traces."""
+    and with early stop no decode forward runs at all (the prefill predicted the only token). Without early
+    stop the loop runs the M - 1 forwards of M tokens: the control that shows the counter counts loop
+    iterations, not traces."""
     cfg, params, _ = tiny["qwen2"]
     counter = []
     monkeypatch.setattr(decoder, "decode_step", _counting_decode_step(counter))
@@ -320,7 +321,7 @@ def test_stop_lengths_and_early_exit(tiny, monkeypatch, early_stop):
     np.testing.assert_array_equal(np.asarray(out.lengths), 1)
     assert np.asarray(out.finished).all()
     assert (tokens[:, 1:] == PAD).all()
-    assert len(counter) == (1 if early_stop else M)
+    assert len(counter) == (0 if early_stop else M - 1)
 
 
 def test_max_new_tokens_respected(tiny):

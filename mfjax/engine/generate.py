@@ -10,7 +10,8 @@ Layout of one generation call (B rows in E groups of R = B / E rows; each group 
 * the **decode cache** is built from the suffix's keys and values only (scored targets never become
   decode slots) plus room for M new tokens; the **decode loop** (``lax.while_loop``, early stop when every
   row has stopped) runs the layers unrolled over a per-layer view of the weights taken once, writes token
-  t at slot Ts + t, and samples with per-row keys ``fold_in(row_key, t)``.
+  t at slot Ts + t, and samples with per-row keys ``fold_in(row_key, t)``: M - 1 decode forwards for M
+  tokens (the prefill's last position predicts the first).
 
 All functions are pure and traceable, so the simulator calls them inside its own ``lax.scan``. Every
 entry point takes the one stored layout, :class:`~mfjax.models.weights.Weights` (layers stacked).
@@ -160,15 +161,8 @@ def generate_tokens(weights: Weights, cfg: ModelConfig, gcfg: GenerateConfig, su
         if gcfg.stop_token_ids:
             stop_mask = stop_mask.at[jnp.asarray(gcfg.stop_token_ids)].set(True)
 
-    def cond(carry):
-        step, _, _, done, *_ = carry
-        keep_going = step < M
-        if gcfg.early_stop:
-            keep_going &= ~jnp.all(done)
-        return keep_going
-
-    def body(carry):
-        step, logits, cache, done, out, history, history_valid, started = carry
+    def pick(step, logits, done, out, history, history_valid, started):
+        """Token ``step`` of every row from the logits that predict it, and the bookkeeping around it."""
         if gcfg.min_new_tokens:
             logits = jnp.where((step < gcfg.min_new_tokens) & stop_mask[None, : logits.shape[-1]], -jnp.inf, logits)
         step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, step)
@@ -181,15 +175,30 @@ def generate_tokens(weights: Weights, cfg: ModelConfig, gcfg: GenerateConfig, su
         if line_stop is not None:
             stop |= line_stop.ends(token, started)
             started |= ~line_stop.whitespace[token]
-        done = done | stop
-        hidden, cache = decoder.decode_step(view, cfg, token[:, None], (next_pos + step)[:, None], cache, Ts + step,
-                                            prefix=prefix_view, attn_impl=gcfg.attn_impl, plan=plan)
+        return token, done | stop, out, history, history_valid, started
+
+    def cond(carry):
+        step, _, _, done, *_ = carry
+        keep_going = step < M
+        if gcfg.early_stop:
+            keep_going &= ~jnp.all(done)
+        return keep_going
+
+    def body(carry):
+        # Token step - 1 is fed in and token step drawn: M - 1 decode forwards for M tokens (the prefill
+        # predicted the first one), none after the last.
+        step, token, cache, done, out, history, history_valid, started = carry
+        hidden, cache = decoder.decode_step(view, cfg, token[:, None], (next_pos + step - 1)[:, None], cache,
+                                            Ts + step - 1, prefix=prefix_view, attn_impl=gcfg.attn_impl, plan=plan)
         logits = decoder.logits(view, cfg, hidden[:, 0])
-        return step + 1, logits, cache, done, out, history, history_valid, started
+        token, done, out, history, history_valid, started = pick(step, logits, done, out, history, history_valid,
+                                                                 started)
+        return step + 1, token, cache, done, out, history, history_valid, started
 
     out = jnp.full((B, M), gcfg.pad_token_id, jnp.int32)
-    done = jnp.zeros((B,), bool)
-    carry = (jnp.int32(0), first_logits, cache, done, out, history, history_valid, jnp.zeros((B,), bool))
+    first = pick(0, first_logits, jnp.zeros((B,), bool), out, history, history_valid, jnp.zeros((B,), bool))
+    token, done, out, history, history_valid, started = first
+    carry = (jnp.int32(1), token, cache, done, out, history, history_valid, started)
     _, _, _, done, out, _, history_valid, _ = jax.lax.while_loop(cond, body, carry)
     lengths = jnp.sum(history_valid[:, hist_offset + Ts:], axis=1).astype(jnp.int32)
     return Generated(tokens=out, lengths=lengths, finished=done, target_logprobs=scored)
