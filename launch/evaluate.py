@@ -59,6 +59,8 @@ flags.DEFINE_enum("judge_response_format", "json_schema", ["json_schema", "json_
 flags.DEFINE_bool("validate_labeler", False, "Measure the rule labelers against the reference labels.")
 flags.DEFINE_string("validation_dir", None, "Sample + labels folder (default: experiments/labeler_validation).")
 flags.DEFINE_string("data", None, "Shared corpora root for --validate_labeler (default: ../shared/data).")
+flags.DEFINE_string("status_file", None, "Reportability file (default: mfjax/eval/status.json): which dimensions "
+                    "each labeler may report, e.g. verdicts of a labeler validated elsewhere.")
 flags.DEFINE_bool("write_status", True, "--validate_labeler writes its verdicts to mfjax/eval/status.json.")
 
 FLAGS = flags.FLAGS
@@ -113,7 +115,7 @@ def main(argv):
         runs=runs, out_dir=FLAGS.out_dir, labeler=FLAGS.labeler, events=FLAGS.events, settings=settings,
         experiments=FLAGS.experiment, intervention_pair=FLAGS.intervention_pair,
         judge_factory=_judge_factory() if FLAGS.labeler == "api" else None, judge_model=FLAGS.judge_model,
-        progress=FLAGS.progress)
+        progress=FLAGS.progress, status_path=FLAGS.status_file)
     try:
         payload = evaluation.run(options)
     except evaluation.EvaluationError as e:

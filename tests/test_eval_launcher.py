@@ -26,6 +26,18 @@ def runs(tmp_path_factory):
     return root
 
 
+def pilot_status(path, **pilot_overrides):
+    """The shipped status file without its verdicts (the pilot statuses only), so these tests do not change
+    whenever a labeler is re-validated; ``pilot_overrides`` replace one family's pilot entry."""
+    from mfjax.eval import status
+
+    data = status.load()
+    data["verdicts"] = {}
+    data["pilot"].update(pilot_overrides)
+    path.write_text(json.dumps(data), encoding="utf-8")
+    return path
+
+
 def launch(*args, cwd=ROOT, timeout=240):
     env = dict(os.environ, PYTHONPATH=ROOT)
     return subprocess.run([sys.executable, LAUNCHER, *args], cwd=cwd, env=env, capture_output=True, text=True,
@@ -34,8 +46,10 @@ def launch(*args, cwd=ROOT, timeout=240):
 
 def test_end_to_end_writes_sane_metrics_report_and_figures(runs, tmp_path):
     out = tmp_path / "eval"
+    status_file = pilot_status(tmp_path / "status.json")
     proc = launch(f"--runs=mf={runs / 'mf'},state={runs / 'state'}", f"--out_dir={out}", "--bootstrap=200",
-                  "--experiment=main,trend,horizon", "--horizon_window=2", "--noprogress")
+                  "--experiment=main,trend,horizon", "--horizon_window=2", "--noprogress",
+                  f"--status_file={status_file}")
     assert proc.returncode == 0, proc.stderr[-2000:]
     m = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
     assert m["results"]["systems"] == ["mf", "state"]
@@ -87,7 +101,7 @@ def test_end_to_end_writes_sane_metrics_report_and_figures(runs, tmp_path):
     assert sum(1 for f in label_files if "/mf/" in f) == 6
     # A rerun reuses the cache and gives the same numbers.
     proc = launch(f"--runs=mf={runs / 'mf'},state={runs / 'state'}", f"--out_dir={out}", "--bootstrap=200",
-                  "--noprogress")
+                  "--noprogress", f"--status_file={status_file}")
     assert proc.returncode == 0
     m2 = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
     assert m2["results"]["estimates"]["mf"]["intent"] == m["results"]["estimates"]["mf"]["intent"]
@@ -137,6 +151,11 @@ def test_bad_inputs_fail_fast_with_one_line_naming_the_file(runs, tmp_path):
     proc = launch(f"--runs={broken}", f"--out_dir={tmp_path / 'o'}")
     assert proc.returncode == 2 and "ev1.seed0.jsonl: line 1: malformed JSON" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
+    # A status file that is not one, refused before any labelling.
+    bad_status = tmp_path / "status.json"
+    bad_status.write_text("{oops", encoding="utf-8")
+    proc = launch(f"--runs={runs / 'mf'}", f"--out_dir={tmp_path / 'o'}", f"--status_file={bad_status}")
+    assert proc.returncode == 2 and f"{bad_status}: line 1: malformed JSON" in proc.stderr
     # Runs that cannot share a table.
     proc = launch(f"--runs=a={runs / 'mf'},a={runs / 'state'}", f"--out_dir={tmp_path / 'o'}")
     assert proc.returncode == 2 and "duplicate system names" in proc.stderr
@@ -154,9 +173,11 @@ def test_a_labeler_with_nothing_reportable_says_so(tmp_path):
     english = ["So sad RIP", "This is a hoax", "Is this true?", "RT @a: big news", "LOL great", "wow omg"]
     events = make_events(tmp_path / "ev.jsonl", n_events=2, comments=english, language="en")
     make_run(tmp_path / "mf", tmp_path / "ev.jsonl", events, "mf", comments=english)
+    status_file = pilot_status(tmp_path / "status.json")  # the English rules' pilot: judge-only everywhere
     payload = evaluation.run(evaluation.Options(runs=[str(tmp_path / "mf")], out_dir=str(tmp_path / "out"),
-                                                settings=pipeline.Settings(n_bootstrap=50), progress=False))
-    # The English rules are judge-only on every dimension until validated: nothing is computed from them.
+                                                settings=pipeline.Settings(n_bootstrap=50), progress=False,
+                                                status_path=str(status_file)))
+    # A labeler judge-only on every dimension: nothing is computed from it.
     assert payload["reportable"] == [] and payload["figures"] == []
     assert payload["labeler_versions"]["en"].startswith("rules-en/")
     assert set(payload["results"]["estimates"]["mf"]) == {"_headline", "_keywords", "_nll"}

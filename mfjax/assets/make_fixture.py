@@ -20,10 +20,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import re
 from pathlib import Path
 
 from mfjax.data import jsonl, twitter, weibo
+from mfjax.data.privacy import mask_personal
 from mfjax.data.events import Event, select_agents
 
 CED_AGENTS = 64
@@ -34,21 +34,6 @@ TWITTER_AGENTS = 64
 
 _OUT_DIR = Path(__file__).resolve().parent / "events"
 _REPO = Path(__file__).resolve().parents[2]
-# A mention runs until whitespace, punctuation or the next mention.
-_MENTION = re.compile(r"@[^\s@:：,，.。!！?？;；/()（）\[\]【】\"'“”]+")
-_MENTION_WORD = {"zh": "@用户", "en": "@user"}
-# Profiles sometimes carry contact details: long digit runs (phone / QQ numbers) and e-mails.
-# (A digit run inside a URL or an ASCII word is left alone.)
-_CONTACT = re.compile(r"[A-Za-z0-9_.+-]+@[A-Za-z0-9-]+\.[A-Za-z0-9.]+"
-                      r"|(?<![A-Za-z0-9_/.-])\d{7,}")
-_CONTACT_WORD = "<contact>"
-
-
-def mask_personal(text: str, language: str) -> str:
-    """Replace contact details and every @mention by neutral words (they name real people)."""
-    return _MENTION.sub(_MENTION_WORD[language], _CONTACT.sub(_CONTACT_WORD, text))
-
-
 def anonymize(event: Event, num_agents: int) -> Event:
     """The event cut to its first `num_agents` agents, with pseudonymous uids and masked texts."""
     pseudonyms: dict = {}

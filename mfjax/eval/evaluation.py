@@ -8,6 +8,7 @@ cached per population as they complete, so an interrupted job resumes where it s
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import sys
 import time
@@ -128,9 +129,24 @@ def _intervention_pair(runs, flag: Optional[str]):
     return has[0], (same or without)[0]
 
 
+def _load_status(path: Optional[str]) -> dict:
+    """The reportability file, or an EvaluationError naming it."""
+    try:
+        status = status_mod.load(path)
+    except OSError as e:
+        raise EvaluationError(f"{path}: cannot read the status file ({e.strerror})") from None
+    except json.JSONDecodeError as e:
+        raise EvaluationError(f"{path}: line {e.lineno}: malformed JSON") from None
+    if not isinstance(status, dict) or not isinstance(status.get("pilot", {}), dict) \
+            or not isinstance(status.get("verdicts", {}), dict):
+        raise EvaluationError(f"{path}: not a status file ('pilot' and 'verdicts' must be objects)")
+    return status
+
+
 def run(options: Options) -> dict:
     """The whole job; returns the metrics payload (also written to `<out_dir>/metrics.json`)."""
     started = time.time()
+    status = _load_status(options.status_path)  # before any labelling: a bad file fails in one line
     runs, events, populations = prepare(options)
     out_dir = Path(options.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -153,7 +169,6 @@ def run(options: Options) -> dict:
     finally:
         if bar is not None:
             bar.close()
-    status = status_mod.load(options.status_path)
     withheld: dict = {}
     dim_status: dict = {}
     for language, version in versions.items():

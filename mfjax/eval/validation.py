@@ -67,7 +67,7 @@ def read_labels(path: Path, sample_ids: set) -> dict:
 
 
 def _event_population(language: str, data: Path, event_id: str):
-    from mfjax.assets.make_fixture import mask_personal
+    from mfjax.data.privacy import mask_personal
     from mfjax.data import twitter, weibo
 
     if language == "zh":
