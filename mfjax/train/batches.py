@@ -55,15 +55,18 @@ class EventTable:
 
     @classmethod
     def build(cls, events, tokenizer, tt: prompts.TokenTemplates, rcfg: RolloutConfig, *, num_agents: int, seed: int,
-              lines: tuple, max_action_tokens: Optional[int] = None) -> "EventTable":
+              lines: tuple, max_action_tokens: Optional[int] = None, width_events: Sequence = ()) -> "EventTable":
         """Encodes the first ``num_agents`` agents of each event and sizes the buffers to them. ``rcfg`` gives
         the step size, algorithm, token budgets and line settings; its step count (the longest event's),
-        warm-up (every step: real actions) and widths are filled in here."""
-        encoded = [batching.encode_event(e, tokenizer, tt, num_agents=num_agents, step_size=rcfg.step_size,
-                                         algorithm=rcfg.algorithm, mf_with_states=rcfg.mf_with_states,
-                                         max_action_tokens=max_action_tokens, strict=False) for e in events]
-        num_steps = max(e.num_steps for e in encoded)
-        widths = batching.widths_for(encoded, tt, tokenizer, step_size=rcfg.step_size, warmup_steps=num_steps,
+        warm-up (every step: real actions) and widths are filled in here. ``width_events`` (e.g. the held-out
+        events) count for the sizes too, so that two tables share one rollout config: one compiled program."""
+        encode = lambda e: batching.encode_event(e, tokenizer, tt, num_agents=num_agents, step_size=rcfg.step_size,
+                                                 algorithm=rcfg.algorithm, mf_with_states=rcfg.mf_with_states,
+                                                 max_action_tokens=max_action_tokens, strict=False)
+        encoded = [encode(e) for e in events]
+        sized = encoded + [encode(e) for e in width_events]
+        num_steps = max(e.num_steps for e in sized)
+        widths = batching.widths_for(sized, tt, tokenizer, step_size=rcfg.step_size, warmup_steps=num_steps,
                                      generated_width=lines_lib.clean_width(lines[0], rcfg.policy_new_tokens),
                                      mf_with_states=rcfg.mf_with_states)
         rcfg = dataclasses.replace(rcfg, num_steps=num_steps, warmup_steps=num_steps, widths=widths)

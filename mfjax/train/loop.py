@@ -159,7 +159,8 @@ def _idle(slots: int) -> WalkStep:
 
 def fit(config: TrainConfig, cfg: ModelConfig, weights: Weights, tokenizer, train_events, heldout_events=(), *,
         mean_field_weights: Optional[Weights] = None, model_dir: Optional[str] = None, mesh=None,
-        log: Callable[[str], None] = lambda s: print(s, file=sys.stderr, flush=True)) -> FitResult:
+        log: Callable[[str], None] = lambda s: print(s, file=sys.stderr, flush=True),
+        stop_after: Optional[int] = None) -> FitResult:
     """Trains ``config.stage`` (see the module docstring); resumes from ``config.out_dir`` when it holds a
     checkpoint of the same settings.
 
@@ -170,6 +171,8 @@ def fit(config: TrainConfig, cfg: ModelConfig, weights: Weights, tokenizer, trai
       mean_field_weights: stage 2: the frozen stage-1 μ (base merged with its adapter); default the base.
       model_dir: the base model's folder (recorded, named in the adapter, tokenizer of a merged export).
       mesh: optional device mesh (slots over its data axes, weights over its model axis).
+      stop_after: stop after this many optimizer steps of this call, checkpoint saved, nothing exported (what a
+        killed run leaves behind; tests of resuming).
     """
     started = time.time()
     c = config
@@ -182,13 +185,16 @@ def fit(config: TrainConfig, cfg: ModelConfig, weights: Weights, tokenizer, trai
     lines = lines_lib.build_line_tables(tokenizer, cfg.vocab_size)
     algorithm = "state_sft" if c.stage == "state_sft" else "mf"
     base_rcfg = _rollout_config(c, tokenizer, algorithm)
-    table = B.EventTable.build(train_events, tokenizer, tt, base_rcfg, num_agents=c.num_agents, seed=c.seed,
-                               lines=lines, max_action_tokens=c.max_action_tokens)
+    # Both tables are sized over all events, so the teacher-forced rollouts of training and held-out events are one
+    # program (compiled once per process, and found in JAX's compilation cache when one is set).
+    build = lambda evs, others: B.EventTable.build(evs, tokenizer, tt, base_rcfg, num_agents=c.num_agents, seed=c.seed,
+                                                   lines=lines, max_action_tokens=c.max_action_tokens,
+                                                   width_events=others)
+    table = build(train_events, heldout_events)
     rollout = Rollout(table.rcfg, tt, cfg, cfg, lines, mesh=mesh)
     held = None
     if heldout_events:
-        held_table = B.EventTable.build(heldout_events, tokenizer, tt, base_rcfg, num_agents=c.num_agents, seed=c.seed,
-                                        lines=lines, max_action_tokens=c.max_action_tokens)
+        held_table = build(heldout_events, train_events)
         held = (held_table, Rollout(held_table.rcfg, tt, cfg, cfg, lines, mesh=mesh))
     truncated = sum(e.truncated_actions for e in table.encoded)
 
@@ -229,6 +235,10 @@ def fit(config: TrainConfig, cfg: ModelConfig, weights: Weights, tokenizer, trai
         meta = ckpt.read_meta()
         _check_resume(meta, c, table.event_ids, model_dir)
         state, carry, meta = ckpt.restore(state, carry)
+        if mesh is None:
+            # Restored arrays come back committed to a device, fresh ones do not; jit keys its programs on that, so
+            # a resumed run would compile its step again (twice). Host round trip: same bits, uncommitted.
+            state, carry = jax.tree.map(lambda x: jnp.asarray(np.asarray(x)), (state, carry))
         walker.restore(meta["walk"])
         opt_step, heldout_before = int(meta["opt_step"]), meta.get("heldout_before")
         log(f"mfjax train: resumed from {ckpt.directory} at optimizer step {opt_step}")
@@ -260,6 +270,7 @@ def fit(config: TrainConfig, cfg: ModelConfig, weights: Weights, tokenizer, trai
     progress = _Progress(total, opt_step, log)
     weights_slots = weights
     done = opt_step >= total
+    first = opt_step
     while not done:
         t0 = time.time()
         rows = []
@@ -292,8 +303,14 @@ def fit(config: TrainConfig, cfg: ModelConfig, weights: Weights, tokenizer, trai
             text = {"mean_field_sample": tokenizer.decode(m)}
         writer.write(opt_step, row, text=text)
         progress(opt_step, row["loss"], row["tokens_per_s"])
-        if opt_step % c.save_every == 0 or done:
+        stopping = stop_after is not None and opt_step - first >= stop_after
+        if opt_step % c.save_every == 0 or done or stopping:
             ckpt.save(opt_step, state, carry, _meta(c, opt_step, walker, table, model_dir, heldout_before))
+        if stopping and not done:
+            writer.close()
+            ckpt.close()
+            return FitResult(out_dir=c.out_dir, steps=opt_step, heldout_before=heldout_before, heldout_after=None,
+                             seconds=time.time() - started, adapter_dir=None, lora=state.lora, state=state, carry=carry)
     ckpt.wait()
 
     heldout_after = evaluate(state.lora) if held is not None else None

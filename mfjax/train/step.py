@@ -83,7 +83,7 @@ def _apply(tx, state: TrainState, grads) -> tuple[TrainState, dict]:
     lora = optax.apply_updates(state.lora, updates)
     # inject_hyperparams stores the rate it applied in the *new* state (inside MultiSteps, updated on the G-th
     # micro-step only): that is the rate of this update.
-    metrics = dict(grad_norm=optax.global_norm(grads), lr=current_learning_rate(opt_state))
+    metrics = dict(grad_norm=optax.tree.norm(grads), lr=current_learning_rate(opt_state))
     return TrainState(step=state.step + 1, lora=lora, opt_state=opt_state), metrics
 
 
