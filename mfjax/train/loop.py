@@ -233,7 +233,7 @@ def fit(config: TrainConfig, cfg: ModelConfig, weights: Weights, tokenizer, trai
     opt_step, heldout_before = 0, None
     if ckpt.latest_step() is not None:
         meta = ckpt.read_meta()
-        _check_resume(meta, c, table.event_ids, model_dir)
+        check_resume(meta, c, table.event_ids, model_dir)
         state, carry, meta = ckpt.restore(state, carry)
         if mesh is None:
             # Restored arrays come back committed to a device, fresh ones do not; jit keys its programs on that, so
@@ -369,7 +369,7 @@ def _meta(c: TrainConfig, opt_step: int, walker: ChunkWalker, table, model_dir, 
 _RESUMABLE = ("eval_every", "eval_worlds", "save_every", "keep", "export_merged", "tensorboard", "out_dir")
 
 
-def _check_resume(meta: dict, c: TrainConfig, event_ids: list, model_dir) -> None:
+def check_resume(meta: dict, c: TrainConfig, event_ids: list, model_dir) -> None:
     saved, mine = dict(meta["config"]), c.to_json()
     diff = sorted(k for k in set(saved) | set(mine) if k not in _RESUMABLE and saved.get(k) != mine.get(k))
     if diff:
