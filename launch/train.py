@@ -146,6 +146,12 @@ def _config(events_count: int):
 def main(argv):
     if len(argv) > 1:
         _fail(f"unexpected arguments: {' '.join(argv[1:])}")
+    import logging
+
+    from absl import logging as absl_logging
+
+    absl_logging.set_verbosity(absl_logging.WARNING)  # orbax's per-save INFO lines would bury the progress lines
+    logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
     if FLAGS.stage is None:
         _fail("--stage is required (mf, policy or state_sft)")
     if FLAGS.events is None:
