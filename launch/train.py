@@ -138,7 +138,8 @@ def _config(events_count: int):
             attn_impl="xla" if FLAGS.attn_impl == "auto" else FLAGS.attn_impl, learning_rate=lr,
             warmup_fraction=FLAGS.warmup_fraction, mean_field=mf, mf_new_tokens=FLAGS.mf_max_new_tokens,
             eval_every=FLAGS.eval_every, eval_worlds=FLAGS.eval_worlds, save_every=FLAGS.save_every, keep=FLAGS.keep,
-            log_ib_gain=FLAGS.log_ib_gain, export_merged=FLAGS.export_merged, tensorboard=FLAGS.tensorboard)
+            log_ib_gain=FLAGS.log_ib_gain, export_merged=FLAGS.export_merged, tensorboard=FLAGS.tensorboard,
+            mean_field_source=os.path.abspath(FLAGS.mean_field_lora) if FLAGS.mean_field_lora else None)
     except ValueError as e:
         _fail(str(e))
 

@@ -79,6 +79,9 @@ class TrainConfig:
     mf_new_tokens: int = 200  # M: the mean field's token budget (the simulator's, and the KL's constant)
     # simulation settings of the continuation and of the teacher-forced rollouts
     preset: str = "paper"
+    # stage 2: what the frozen mean-field model is (e.g. the stage-1 adapter's folder); recorded, and a resume
+    # refuses another one (the cached mean fields are its own)
+    mean_field_source: Optional[str] = None
     # bookkeeping
     eval_every: int = 0  # optimizer steps between held-out evaluations (0: start and end only)
     eval_worlds: int = 8  # events per teacher-forced rollout batch
