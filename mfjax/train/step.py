@@ -276,20 +276,29 @@ class MeanFieldStep:
             metrics.update(rel_ce=jnp.sum(jnp.where(loss_valid, rel, 0.0)) / jnp.maximum(jnp.sum(loss_valid), 1))
             sample_len = cont.lengths
         else:
-            _, _, tails, tails_len = B.split_tail(self.rollout, x, x_len, k)
-            samples = generate_tokens(mu, cfg, self.sample_gcfg, tails, tails_len, self._keys(chunk, t, k), prefix,
-                                      stop_mask=jnp.asarray(self.eos), plan=self.plan)
-            m_k, m_k_len = self._clean(samples)
-            rel_ce = self.relevance(weights, nxt, m_k, m_k_len, k)
-            logr = self.log_prior(weights, samples.tokens, samples.lengths, E, s.temperature).reshape(E, k)
-            batch = losses.ScoreBatch(prefix=prefix_tokens, prefix_len=prefix_len, prompt=tails, prompt_len=tails_len,
-                                      target=samples.tokens, target_len=samples.lengths,
-                                      valid=jnp.repeat(loss_valid, k))
-            (loss, aux), grads = jax.value_and_grad(losses.mf_rloo_loss, has_aux=True)(
-                state.lora, weights, cfg, batch, jax.lax.stop_gradient(rel_ce), jax.lax.stop_gradient(logr),
-                loss_valid, temperature=s.temperature, lam=s.lam, beta=s.beta, M=self.M, estimator=s.estimator,
-                remat=self.remat, attn_impl=self.attn_impl, plan=self.plan)
-            sample_len = samples.lengths
+            def estimate(_):
+                _, _, tails, tails_len = B.split_tail(self.rollout, x, x_len, k)
+                samples = generate_tokens(mu, cfg, self.sample_gcfg, tails, tails_len, self._keys(chunk, t, k), prefix,
+                                          stop_mask=jnp.asarray(self.eos), plan=self.plan)
+                m_k, m_k_len = self._clean(samples)
+                rel_ce = self.relevance(weights, nxt, m_k, m_k_len, k)
+                logr = self.log_prior(weights, samples.tokens, samples.lengths, E, s.temperature).reshape(E, k)
+                batch = losses.ScoreBatch(prefix=prefix_tokens, prefix_len=prefix_len, prompt=tails,
+                                          prompt_len=tails_len, target=samples.tokens, target_len=samples.lengths,
+                                          valid=jnp.repeat(loss_valid, k))
+                (loss, aux), grads = jax.value_and_grad(losses.mf_rloo_loss, has_aux=True)(
+                    state.lora, weights, cfg, batch, jax.lax.stop_gradient(rel_ce), jax.lax.stop_gradient(logr),
+                    loss_valid, temperature=s.temperature, lam=s.lam, beta=s.beta, M=self.M, estimator=s.estimator,
+                    remat=self.remat, attn_impl=self.attn_impl, plan=self.plan)
+                return loss, aux, grads, samples.lengths
+
+            def skip(_):
+                # No slot has a next chunk (every event at its last chunk, or idle): its mean field is still written
+                # (above), but there is nothing to score it on, so sampling and scoring are skipped.
+                shapes = jax.eval_shape(estimate, None)
+                return jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), shapes)
+
+            loss, aux, grads, sample_len = jax.lax.cond(jnp.any(loss_valid), estimate, skip, None)
         state, opt = _apply(self.tx, state, grads)
         keep = active[:, None]
         carry = MeanFieldCarryState(
