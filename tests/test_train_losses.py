@@ -92,7 +92,7 @@ def test_sft_loss_equals_a_full_sequence_hand_computation(weights):
     valid = np.asarray(batch.valid) & (np.asarray(batch.target_len) > 0)
     ce = [-r.mean() for r, v in zip(rows, valid) if v]
     np.testing.assert_allclose(float(loss), sum(ce) / len(rows), rtol=1e-5)
-    assert int(aux["rows"]) == valid.sum() and int(aux["tokens"]) == sum(len(r) for r, v in zip(rows, valid) if v)
+    assert int(aux["rows"]) == valid.sum() and int(aux["target_tokens"]) == sum(len(r) for r, v in zip(rows, valid) if v)
     np.testing.assert_allclose(float(aux["nll_sum"]), -sum(r.sum() for r, v in zip(rows, valid) if v), rtol=1e-5)
     # Without LoRA (π₀) it is the base model's CE.
     base, _ = _sft(None, weights, CFG, batch)

@@ -339,7 +339,7 @@ def fit(config: TrainConfig, cfg: ModelConfig, weights: Weights, tokenizer, trai
 def _reduce(rows: list[dict], stage: str) -> dict:
     """One metrics row from the micro-steps of an optimizer step: means of per-micro-step values (the optimizer
     averages their gradients), sums of counts; grad_norm and lr of the step that applied the update."""
-    sums = ("tokens", "rows", "ce_sum", "nll_sum", "slots", "loss_slots", "x_tokens", "ib_rows", "ce_pi0_m_sum",
+    sums = ("tokens", "target_tokens", "rows", "ce_sum", "nll_sum", "slots", "loss_slots", "x_tokens", "ib_rows", "ce_pi0_m_sum",
             "ce_pi0_state_sum")
     out = {}
     for key in rows[0]:

@@ -99,15 +99,17 @@ def sft_loss(lora: Optional[LoraWeights], weights: Weights, cfg: ModelConfig, ba
     up-weight its agents). Stage 2's IB loss CE_πφ(a|s,m) − CE_π₀(a|s) has this gradient: the second term
     does not depend on φ.
 
-    Returns (loss, aux) with aux: ``ce_sum`` (Σ token-mean CE over valid rows), ``nll_sum`` and ``tokens``
-    (summed NLL and token count over valid rows), ``rows`` (valid rows).
+    Returns (loss, aux) with aux: ``ce_sum`` (Σ token-mean CE over valid rows), ``nll_sum`` and ``target_tokens``
+    (summed NLL and scored tokens over valid rows), ``rows`` (valid rows), ``tokens`` (every real token the
+    differentiated forward reads: the prefixes, then the valid rows' prompts and targets).
     """
     logprobs = score_rows(weights, cfg, batch, lora=lora, remat=remat, attn_impl=attn_impl, plan=plan)
     valid = batch.valid & (batch.target_len > 0)
     ce = jnp.where(valid, row_token_mean_ce(logprobs, batch.target_len), 0.0)
     loss = jnp.sum(ce) / valid.shape[0]
     aux = dict(ce_sum=jnp.sum(ce), nll_sum=-jnp.sum(jnp.where(valid[:, None], logprobs, 0.0)),
-               tokens=jnp.sum(jnp.where(valid, batch.target_len, 0)), rows=jnp.sum(valid))
+               target_tokens=jnp.sum(jnp.where(valid, batch.target_len, 0)), rows=jnp.sum(valid),
+               tokens=jnp.sum(batch.prefix_len) + jnp.sum(jnp.where(valid, batch.prompt_len + batch.target_len, 0)))
     return loss, aux
 
 

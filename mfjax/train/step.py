@@ -308,7 +308,9 @@ class MeanFieldStep:
         n_active = jnp.maximum(jnp.sum(active), 1)
         metrics.update(loss=loss, **aux, **opt, loss_slots=jnp.sum(loss_valid),
                        sample_len=jnp.mean(sample_len.astype(jnp.float32)),
-                       tokens=jnp.sum(jnp.where(jnp.repeat(active, sample_len.shape[0] // E), sample_len, 0)),
+                       # what the differentiated forward reads: each X once, then the tail and sample of each row
+                       tokens=jnp.sum(jnp.where(active, x_len, 0))
+                       + jnp.sum(jnp.where(jnp.repeat(active, sample_len.shape[0] // E), sample_len, 0)),
                        m_len=jnp.sum(jnp.where(active, new_m_len, 0)) / n_active,
                        x_tokens=jnp.sum(jnp.where(active, x_len, 0)))
         return state, carry, metrics
