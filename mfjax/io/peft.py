@@ -20,7 +20,9 @@ embeddings, and keys whose module has no weight in the key table.
 Adapters initialised with PiSSA, OLoRA, CorDA, LoRA-GA or LoftQ and saved without PEFT's conversion are
 relative to the residual base model saved alongside them; merge them into that base, not the original.
 
-Training-time LoRA (a separate trainable pytree beside frozen weights) lives in :mod:`mfjax.models.lora`.
+Training-time LoRA (a separate trainable pytree beside frozen weights) lives in :mod:`mfjax.models.lora`;
+:func:`save_peft_adapter` writes one as a PEFT adapter folder (what IB-Tune exports) and
+:func:`load_peft_lora` reads such a folder back into a :class:`~mfjax.models.lora.LoraWeights`, bit for bit.
 """
 
 from __future__ import annotations
@@ -34,11 +36,12 @@ from typing import Any, Mapping
 
 import jax
 import numpy as np
-from safetensors.numpy import load_file
+from safetensors.numpy import load_file, save_file
 
 from mfjax.config import ModelConfig
 from mfjax.models.hf_keys import IDENTITY, KeyRule, key_table, per_layer_shape
-from mfjax.models.lora import Deltas, add_deltas
+from mfjax.models.lora import (HF_MODULES, TARGETS, Deltas, LoraPair, LoraSpec, LoraWeights, add_deltas,
+                               lora_shapes)
 from mfjax.models.weights import Weights, get_path, weight_specs
 
 ADAPTER_CONFIG_FILE = "adapter_config.json"
@@ -372,3 +375,141 @@ def merge_peft_adapter(cfg: ModelConfig, weights: Weights, adapter_dir: str | os
     """
     adapter, tensors = read_peft_adapter(adapter_dir)
     return add_deltas(weights, lora_deltas(cfg, adapter, tensors, base_params=weights))
+
+
+# ------------------------------------------------------------------------------------------ writing
+# Every Linear transform of the key table is "flatten the mfjax weight to [in, out], then transpose"
+# (TRANSPOSE, SPLIT_HEADS_OUT, SPLIT_HEADS_IN). So for W = s·A·B with A [in..., r] and B [r, out...], the HF
+# weight is s·B₂ᵀ·A₂ᵀ: PEFT's ``lora_A = A₂ᵀ`` [r, in] and ``lora_B = B₂ᵀ`` [out, r] (A₂, B₂ the flattened
+# factors). These are pure reshapes and transposes, hence exact both ways; :func:`_check_flat_transpose`
+# verifies the premise against the key table's own transform, so a new layout cannot slip through.
+def _lora_rules(cfg: ModelConfig) -> dict[str, KeyRule]:
+    """Target name ('q', ..., 'down') -> its key-table row."""
+    by_path = {rule.path: rule for rule in key_table(cfg)}
+    return {t: by_path[("layers", t)] for t in TARGETS}
+
+
+def _check_flat_transpose(rule: KeyRule, shape: tuple[int, ...], n_in: int) -> None:
+    probe = np.arange(int(np.prod(shape)), dtype=np.int64).reshape(shape)
+    flat = probe.reshape(int(np.prod(shape[:n_in])), -1).T
+    if not np.array_equal(rule.transform.to_hf(probe), flat):
+        raise AssertionError(f"key-table transform {rule.transform.name} of {rule.hf_template} is not a "
+                             f"flatten-and-transpose; the PEFT layout of its LoRA factors needs its own rule")
+
+
+def _module(rule: KeyRule, layer: int) -> str:
+    return rule.hf_key(layer).removesuffix(".weight")
+
+
+def peft_tensors(cfg: ModelConfig, lora: LoraWeights) -> dict[str, np.ndarray]:
+    """The ``adapter_model.safetensors`` tensors of ``lora`` (float32, PEFT's key names and layouts).
+
+    Also maps anything shaped like a :class:`LoraWeights` (e.g. its gradients) into the PEFT layout."""
+    rules = _lora_rules(cfg)
+    specs = weight_specs(cfg)
+    out = {}
+    for target, pair in lora.pairs().items():
+        rule = rules[target]
+        a = np.asarray(jax.device_get(pair.a), np.float32)  # [L, in..., r]
+        b = np.asarray(jax.device_get(pair.b), np.float32)  # [L, r, out...]
+        n_in = a.ndim - 2
+        _check_flat_transpose(rule, per_layer_shape(rule, get_path(specs, rule.path)), n_in)
+        r = a.shape[-1]
+        for layer in range(a.shape[0]):
+            module = _module(rule, layer)
+            out[f"{_PEFT_PREFIX}{module}.lora_A.weight"] = np.ascontiguousarray(a[layer].reshape(-1, r).T)
+            out[f"{_PEFT_PREFIX}{module}.lora_B.weight"] = np.ascontiguousarray(b[layer].reshape(r, -1).T)
+    return out
+
+
+def peft_config_dict(spec: LoraSpec, *, base_model_name_or_path: str | None = None) -> dict[str, Any]:
+    """``adapter_config.json`` of a plain LoRA with ``spec`` on a causal LM (fields PEFT 0.21 reads)."""
+    return {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model_name_or_path,
+        "r": spec.rank,
+        "lora_alpha": spec.alpha,
+        "use_rslora": spec.use_rslora,
+        "target_modules": sorted(HF_MODULES[t] for t in spec.targets),
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "lora_dropout": 0.0,
+        "modules_to_save": None,
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "use_dora": False,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+    }
+
+
+def save_peft_adapter(cfg: ModelConfig, lora: LoraWeights, spec: LoraSpec, out_dir: str | os.PathLike, *,
+                      base_model_name_or_path: str | None = None) -> str:
+    """Writes ``lora`` as a PEFT adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``) that
+    ``peft.PeftModel.from_pretrained`` loads onto the transformers model and :func:`merge_peft_adapter` merges.
+
+    Args:
+      cfg: the base model's config.
+      lora: the trained side path (any float dtype; written as float32).
+      spec: its rank, alpha, targets and rsLoRA flag (the scale PEFT recomputes from them must be ``lora``'s).
+      out_dir: created if needed; an existing adapter there is replaced.
+      base_model_name_or_path: recorded in the config (PEFT's field).
+    """
+    if not math.isclose(spec.scale, lora.scale, rel_tol=1e-12):
+        raise ValueError(f"LoRA scale {lora.scale} does not match the spec's {spec.scale} (rank {spec.rank}, "
+                         f"alpha {spec.alpha}, rslora {spec.use_rslora})")
+    if set(lora.pairs()) != set(spec.targets):
+        raise ValueError(f"LoRA targets {sorted(lora.pairs())} differ from the spec's {sorted(spec.targets)}")
+    out_dir = os.fspath(out_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    save_file(peft_tensors(cfg, lora), os.path.join(out_dir, ADAPTER_WEIGHTS_FILE), metadata={"format": "pt"})
+    with open(os.path.join(out_dir, ADAPTER_CONFIG_FILE), "w", encoding="utf-8") as f:
+        json.dump(peft_config_dict(spec, base_model_name_or_path=base_model_name_or_path), f, indent=2)
+        f.write("\n")
+    return out_dir
+
+
+def load_peft_lora(cfg: ModelConfig, adapter_dir: str | os.PathLike) -> tuple[LoraSpec, LoraWeights]:
+    """Reads a PEFT LoRA adapter folder as a trainable side path (the exact inverse of :func:`save_peft_adapter`).
+
+    Only adapters that a :class:`LoraSpec` describes are accepted: one rank and alpha for every module
+    (no rank or alpha patterns), every layer of each target module present, targets among q/k/v/o/gate/up/down.
+    Tensors keep their values bit for bit (float32).
+
+    Raises:
+      UnsupportedAdapterError, AdapterFormatError: naming the adapter file and the field or key at fault.
+    """
+    adapter, tensors = read_peft_adapter(adapter_dir)
+    adapter.check_supported()
+    where = adapter.config_file
+    if adapter.rank_pattern or adapter.alpha_pattern:
+        raise UnsupportedAdapterError(f"{where}: rank_pattern / alpha_pattern give modules their own rank or "
+                                      f"alpha; a trainable LoRA has one rank and alpha")
+    lora_deltas(cfg, adapter, tensors)  # full validation of keys and shapes, with its error messages
+    modules = {m.group("module").removeprefix(_PEFT_PREFIX) for m in map(_LORA_KEY.match, tensors) if m}
+    rules = _lora_rules(cfg)
+    targets, pairs = [], {}
+    for target, rule in rules.items():
+        present = [layer for layer in range(cfg.num_layers) if _module(rule, layer) in modules]
+        if not present:
+            continue
+        if len(present) != cfg.num_layers:
+            raise AdapterFormatError(f"{adapter.weights_file}: {HF_MODULES[target]} is adapted on layers {present} "
+                                     f"only; a trainable LoRA covers every layer")
+        a_shape, b_shape = lora_shapes(cfg, adapter.r, target)  # the einsum shapes of each factor
+        a = np.stack([_tensor(tensors, _module(rule, i), "A").T for i in range(cfg.num_layers)]).reshape(a_shape)
+        b = np.stack([_tensor(tensors, _module(rule, i), "B").T for i in range(cfg.num_layers)]).reshape(b_shape)
+        pairs[target] = LoraPair(a=jax.numpy.asarray(a), b=jax.numpy.asarray(b))
+        targets.append(target)
+    spec = LoraSpec(rank=adapter.r, alpha=float(adapter.lora_alpha), targets=tuple(targets),
+                    use_rslora=adapter.use_rslora)
+    return spec, LoraWeights(**pairs, scale=spec.scale)
+
+
+def _tensor(tensors: Mapping[str, np.ndarray], module: str, ab: str) -> np.ndarray:
+    for key in (f"{_PEFT_PREFIX}{module}.lora_{ab}.weight", f"{_PEFT_PREFIX}{module}.lora_{ab}.default.weight",
+                f"{module}.lora_{ab}.weight"):
+        if key in tensors:
+            return np.asarray(tensors[key], np.float32)
+    raise AdapterFormatError(f"no lora_{ab} weight for {module}")

@@ -47,11 +47,13 @@ def embed(weights, cfg: ModelConfig, tokens: jax.Array, plan=None) -> jax.Array:
 
 
 def logits(weights, cfg: ModelConfig, hidden: jax.Array) -> jax.Array:
-    """float32 logits [..., V] from final hidden states [..., D] (tied or untied head, soft-capped)."""
+    """float32 logits [..., V] from final hidden states [..., D] (tied or untied head, soft-capped); float64 for
+    float64 hidden states."""
+    acc = layers.compute_dtype(hidden.dtype)
     if cfg.tie_word_embeddings:
-        out = jnp.einsum("...d,vd->...v", hidden, weights.embed, preferred_element_type=jnp.float32)
+        out = jnp.einsum("...d,vd->...v", hidden, weights.embed, preferred_element_type=acc)
     else:
-        out = jnp.einsum("...d,dv->...v", hidden, weights.lm_head, preferred_element_type=jnp.float32)
+        out = jnp.einsum("...d,dv->...v", hidden, weights.lm_head, preferred_element_type=acc)
     return layers.softcap(out, cfg.final_logit_softcap)
 
 

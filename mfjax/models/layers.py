@@ -5,7 +5,8 @@ kv-head (N = K·G), H head dim, F ffn, V vocab. For grouped (shared-prefix) atte
 share one prefix, R rows per group (B = E·R), P prefix length.
 
 Numerics follow DESIGN.md: activations in the parameter dtype, float32 for norm statistics, RoPE angles,
-attention logits and softmax.
+attention logits and softmax — at least float32: float64 activations (gradient checks under x64) keep float64
+there too (:func:`compute_dtype`), which leaves bf16 and float32 runs bit for bit as they were.
 """
 
 from __future__ import annotations
@@ -26,12 +27,18 @@ INVALID_POS = 2**30
 ATTENTION_IMPLS = ("xla", "cudnn", "jax")
 
 
+def compute_dtype(dtype) -> jnp.dtype:
+    """The dtype of statistics, rotations, attention scores and logits for activations of ``dtype``: float32,
+    or float64 for float64 activations."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float, plus_one: bool) -> jax.Array:
     """RMSNorm with float32 statistics; Gemma scales by (1 + w) in float32, the others by w in x's dtype."""
-    x32 = x.astype(jnp.float32)
+    x32 = x.astype(compute_dtype(x.dtype))
     normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
     if plus_one:
-        return (normed * (1.0 + weight.astype(jnp.float32))).astype(x.dtype)
+        return (normed * (1.0 + weight.astype(x32.dtype))).astype(x.dtype)
     return weight * normed.astype(x.dtype)
 
 
@@ -75,7 +82,7 @@ def apply_rope(x: jax.Array, rope: Rope) -> jax.Array:
     """Rotates x [B, T, heads, H] by the angles of ``rope`` (half-split layout, as HF)."""
     cos = rope.cos[:, :, None, :]
     sin = rope.sin[:, :, None, :]
-    x32 = x.astype(jnp.float32)
+    x32 = x.astype(compute_dtype(x.dtype))
     x1, x2 = jnp.split(x32, 2, axis=-1)
     rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
     return rotated.astype(x.dtype)
@@ -137,6 +144,7 @@ def attention(
     if impl in ("cudnn", "jax") and softcap is None and not any(s.grouped for s in segments):
         return _attention_dot_product(q, segments, q_pos, scale=scale, window=window, impl=impl)
     B, T, N, H = q.shape
+    acc = compute_dtype(q.dtype)
     K = segments[0].kv_heads
     G = N // K
     # The G query heads of a kv-head ride the query axis: [B, K, T·G, H]. Scores and outputs are then plain
@@ -151,10 +159,10 @@ def attention(
             E = k.shape[0]
             R = B // E
             s = jnp.einsum("erkqh,ekph->erkqp", qh.reshape(E, R, K, TG, H), k,
-                           preferred_element_type=jnp.float32).reshape(B, K, TG, -1)
+                           preferred_element_type=acc).reshape(B, K, TG, -1)
             m = _attention_mask(q_pos, jnp.repeat(seg.pos, R, axis=0), window)
         else:
-            s = jnp.einsum("bkqh,bksh->bkqs", qh, k, preferred_element_type=jnp.float32)
+            s = jnp.einsum("bkqh,bksh->bkqs", qh, k, preferred_element_type=acc)
             m = _attention_mask(q_pos, seg.pos, window)
         scores.append(s)
         masks.append(m)
@@ -168,7 +176,7 @@ def attention(
     row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
     weights = jnp.exp(logits - row_max)  # unnormalised: the division happens on the [.., H] output below,
     denom = jnp.sum(weights, axis=-1, keepdims=True)  # one pass over the scores fewer than normalising them
-    out = jnp.zeros((B, K, TG, H), jnp.float32)
+    out = jnp.zeros((B, K, TG, H), acc)
     start = 0
     for seg in segments:
         length = seg.length
@@ -179,9 +187,9 @@ def attention(
             E = v.shape[0]
             R = B // E
             o = jnp.einsum("erkqp,ekph->erkqh", p.reshape(E, R, K, TG, length), v,
-                           preferred_element_type=jnp.float32).reshape(B, K, TG, H)
+                           preferred_element_type=acc).reshape(B, K, TG, H)
         else:
-            o = jnp.einsum("bkqs,bksh->bkqh", p, v, preferred_element_type=jnp.float32)
+            o = jnp.einsum("bkqs,bksh->bkqh", p, v, preferred_element_type=acc)
         out = out + o
     out = out / jnp.where(denom > 0, denom, 1.0)  # rows with no visible key (padding) stay 0
     out = out.reshape(B, K, T, G, H).transpose(0, 2, 1, 3, 4)
