@@ -17,7 +17,6 @@ Per population (an event's tweets, or one world's generated comments):
 from __future__ import annotations
 
 import collections
-import importlib.metadata
 import importlib.util
 import logging
 import math
@@ -49,10 +48,7 @@ _WORD = re.compile(r"[a-z][a-z'’]+")
 
 
 def _version(package: str) -> str:
-    try:
-        return importlib.metadata.version(package)
-    except importlib.metadata.PackageNotFoundError:
-        return "absent"
+    return lexicons.package_version(package) or "absent"
 
 
 class EnRules:

@@ -18,7 +18,6 @@ named here; the labeler's version carries the package versions and the lexicon h
 
 from __future__ import annotations
 
-import importlib.metadata
 import logging
 import re
 
@@ -56,10 +55,7 @@ _QUESTION_FORM = re.compile(r"难道|是不是|是否|[吗么嘛][？?！!。~�
 
 
 def _version(package: str) -> str:
-    try:
-        return importlib.metadata.version(package)
-    except importlib.metadata.PackageNotFoundError:
-        return "absent"
+    return lexicons.package_version(package) or "absent"
 
 
 class ZhRules:

@@ -61,12 +61,17 @@ def _cntext_data_dir() -> Optional[Path]:
     return None
 
 
-def cntext_version() -> Optional[str]:
-    """The installed cntext version, or None."""
+def package_version(package: str) -> Optional[str]:
+    """The installed version of a package the labelers read (part of a labeler's version), or None."""
     try:
-        return importlib.metadata.version("cntext")
+        return importlib.metadata.version(package)
     except importlib.metadata.PackageNotFoundError:
         return None
+
+
+def cntext_version() -> Optional[str]:
+    """The installed cntext version, or None."""
+    return package_version("cntext")
 
 
 @functools.lru_cache(maxsize=None)
