@@ -5,12 +5,16 @@ A row's prompt may be split into a group prefix (shared, read once per group) an
 as in generation, so scoring sees the same prompt as sampling did.
 
 Target log-probabilities are ``logit[target] − logsumexp(logits)`` computed in chunks of the target length
-(blockwise cross-entropy): the float32 ``[rows, Tt, V]`` log-softmax is never materialised, and under
-``jax.grad`` each chunk's logits are recomputed rather than stored.
+(blockwise cross-entropy): the float32 ``[rows, Tt, V]`` log-softmax is never materialised. Under ``jax.grad``
+a chunk's backward needs only ∂log p/∂h, which the forward computes while it holds the chunk's logits
+(``(onehot − softmax)·W``, one matmul the backward would do anyway) and keeps as a [rows, chunk, D] residual:
+the logits are neither stored nor recomputed. (The head weight's own gradient, wanted only when the head is
+trained, recomputes them.)
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import jax
@@ -62,21 +66,61 @@ def target_logprobs(weights, cfg: ModelConfig, hidden: jax.Array, targets: jax.A
     B, T, D = hidden.shape
     if T == 0:
         return jnp.zeros((B, 0), jnp.float32)
-    chunk = max(1, min(T, max_logits // max(1, B * cfg.vocab_size)))
-    n = -(-T // chunk)
+    # As few chunks as the budget allows, of equal size: a budget of 170 rows for T = 255 makes 2 chunks of
+    # 128 (1 padded row), not 170 + 170 (85 padded rows of logits computed for nothing).
+    n = -(-T // max(1, min(T, max_logits // max(1, B * cfg.vocab_size))))
+    chunk = -(-T // n)
     pad = n * chunk - T
     hs = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0))).reshape(B, n, chunk, D).swapaxes(0, 1)
     ts = jnp.pad(targets.astype(jnp.int32), ((0, 0), (0, pad))).reshape(B, n, chunk).swapaxes(0, 1)
 
-    @jax.checkpoint  # under grad, recompute a chunk's logits instead of keeping [B, Tt, V] alive
-    def one(args):
-        h, t = args
-        lg = decoder.logits(weights, cfg, h)  # [B, chunk, V] float32
-        picked = jnp.take_along_axis(lg, t[..., None], axis=-1)[..., 0]
-        return picked - jax.nn.logsumexp(lg, axis=-1)
-
+    head = weights.embed if cfg.tie_word_embeddings else weights.lm_head
+    one = lambda args: _chunk_logprobs(cfg, head, *args)
     out = jax.lax.map(one, (hs, ts)).swapaxes(0, 1).reshape(B, n * chunk)[:, :T]
     return jnp.where(valid, out, 0.0)
 
+
+def _head_logits(cfg: ModelConfig, head: jax.Array, hidden: jax.Array) -> jax.Array:
+    """:func:`decoder.logits` given the head matrix alone (the tied embedding [V, D] or lm_head [D, V])."""
+    if cfg.tie_word_embeddings:
+        return decoder.logits(Weights(embed=head, layers=None, final_norm=None), cfg, hidden)
+    return decoder.logits(Weights(embed=None, layers=None, final_norm=None, lm_head=head), cfg, hidden)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _chunk_logprobs(cfg: ModelConfig, head: jax.Array, hidden: jax.Array, targets: jax.Array) -> jax.Array:
+    """log p(targets) [B, c] from hidden states [B, c, D] (one chunk of :func:`target_logprobs`)."""
+    lg = _head_logits(cfg, head, hidden)
+    return jnp.take_along_axis(lg, targets[..., None], axis=-1)[..., 0] - jax.nn.logsumexp(lg, axis=-1)
+
+
+def _logprobs_and_grad(lg: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """log p(target) and its gradient onehot(target) − softmax(logits), from one pass of exp over the logits."""
+    row_max = jax.lax.stop_gradient(jnp.max(lg, axis=-1, keepdims=True))
+    e = jnp.exp(lg - row_max)
+    total = jnp.sum(e, axis=-1, keepdims=True)
+    picked = jnp.take_along_axis(lg, targets[..., None], axis=-1)
+    out = (picked - row_max - jnp.log(total))[..., 0]
+    grad = jax.nn.one_hot(targets, lg.shape[-1], dtype=lg.dtype) - e / total
+    return out, grad
+
+
+def _chunk_logprobs_fwd(cfg, head, hidden, targets):
+    lg, pull = jax.vjp(lambda h: _head_logits(cfg, head, h), hidden)
+    out, dlogits = _logprobs_and_grad(lg, targets)
+    (dhidden_unit,) = pull(dlogits)
+    return out, (head, hidden, targets, dhidden_unit)
+
+
+def _chunk_logprobs_bwd(cfg, residuals, ct):
+    head, hidden, targets, dhidden_unit = residuals
+    dhidden = (ct[..., None] * dhidden_unit).astype(hidden.dtype)
+    # Only a trained head uses this; XLA drops it as dead code otherwise (LoRA training).
+    lg, pull = jax.vjp(lambda w: _head_logits(cfg, w, hidden), head)
+    (dhead,) = pull(ct[..., None].astype(lg.dtype) * _logprobs_and_grad(lg, targets)[1])
+    return dhead, dhidden, None
+
+
+_chunk_logprobs.defvjp(_chunk_logprobs_fwd, _chunk_logprobs_bwd)
 
 score_tokens_jit = jax.jit(score_tokens, static_argnames=("cfg", "attn_impl", "remat", "plan"))

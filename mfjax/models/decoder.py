@@ -61,20 +61,14 @@ def _rope(cfg: ModelConfig, positions: jax.Array) -> layers.Rope:
     return layers.rope_tables(positions, layers.rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling))
 
 
-def _proj(x: jax.Array, w: jax.Array, eq: str, lora, scale: float, lora_eqs: tuple[str, str]) -> jax.Array:
-    """x·W, plus the LoRA side path s·((x·A)·B) when ``lora`` (one layer's pair) is given."""
+def _proj(x: jax.Array, w: jax.Array, eq: str, lora, scale: float) -> jax.Array:
+    """x·W, plus the LoRA side path s·((x·A)·B) when ``lora`` (one layer's pair, A's input dim matching x's
+    last) is given."""
     y = jnp.einsum(eq, x, w)
     if lora is not None:
-        low = jnp.einsum(lora_eqs[0], x, lora.a.astype(x.dtype))
-        y = y + (scale * jnp.einsum(lora_eqs[1], low, lora.b.astype(x.dtype))).astype(y.dtype)
+        side = layers.lora_side_path(x, lora.a.astype(x.dtype), lora.b.astype(x.dtype), 1)
+        y = y + (scale * side).astype(y.dtype)
     return y
-
-
-_LORA_EQ = {
-    "q": ("btd,dr->btr", "btr,rnh->btnh"), "k": ("btd,dr->btr", "btr,rkh->btkh"), "v": ("btd,dr->btr", "btr,rkh->btkh"),
-    "o": ("btnh,nhr->btr", "btr,rd->btd"), "gate": ("btd,dr->btr", "btr,rf->btf"), "up": ("btd,dr->btr", "btr,rf->btf"),
-    "down": ("btf,fr->btr", "btr,rd->btd"),
-}
 
 
 def _layer(lw: LayerWeights, x: jax.Array, cfg: ModelConfig, *, rope: layers.Rope, q_pos: jax.Array, window,
@@ -91,9 +85,9 @@ def _layer(lw: LayerWeights, x: jax.Array, cfg: ModelConfig, *, rope: layers.Rop
     pair = (lambda t: getattr(lora, t)) if lora is not None else (lambda t: None)
     s = 0.0 if lora is None else lora.scale
     h = layers.rms_norm(x, lw.attn_norm, cfg.rms_norm_eps, cfg.norm_plus_one)
-    q = _proj(h, lw.q, "btd,dnh->btnh", pair("q"), s, _LORA_EQ["q"])
-    k = _proj(h, lw.k, "btd,dkh->btkh", pair("k"), s, _LORA_EQ["k"])
-    v = _proj(h, lw.v, "btd,dkh->btkh", pair("v"), s, _LORA_EQ["v"])
+    q = _proj(h, lw.q, "btd,dnh->btnh", pair("q"), s)
+    k = _proj(h, lw.k, "btd,dkh->btkh", pair("k"), s)
+    v = _proj(h, lw.v, "btd,dkh->btkh", pair("v"), s)
     if cfg.attention_bias:
         q, k, v = q + lw.q_bias, k + lw.k_bias, v + lw.v_bias
     q = sharding.constrain(layers.apply_rope(q, rope), ("batch", "seq", "q_heads", "head_dim"), plan)
@@ -122,15 +116,15 @@ def _layer(lw: LayerWeights, x: jax.Array, cfg: ModelConfig, *, rope: layers.Rop
     o_pair = pair("o")
     if o_pair is not None:
         o_pair = dataclasses.replace(o_pair, a=o_pair.a.reshape(-1, o_pair.a.shape[-1]))
-    out = _proj(attn, lw.o.reshape(-1, lw.o.shape[-1]), "btf,fd->btd", o_pair, s, ("btf,fr->btr", "btr,rd->btd"))
+    out = _proj(attn, lw.o.reshape(-1, lw.o.shape[-1]), "btf,fd->btd", o_pair, s)
     if cfg.sandwich_norms:
         out = layers.rms_norm(out, lw.post_attn_norm, cfg.rms_norm_eps, cfg.norm_plus_one)
     x = x + out
     h = layers.rms_norm(x, lw.mlp_norm, cfg.rms_norm_eps, cfg.norm_plus_one)
-    g = _proj(h, lw.gate, "btd,df->btf", pair("gate"), s, _LORA_EQ["gate"])
-    u = _proj(h, lw.up, "btd,df->btf", pair("up"), s, _LORA_EQ["up"])
+    g = _proj(h, lw.gate, "btd,df->btf", pair("gate"), s)
+    u = _proj(h, lw.up, "btd,df->btf", pair("up"), s)
     g = sharding.constrain(layers.glu(g, u, cfg.hidden_act), ("batch", "seq", "mlp"), plan)
-    out = _proj(g, lw.down, "btf,fd->btd", pair("down"), s, _LORA_EQ["down"])
+    out = _proj(g, lw.down, "btf,fd->btd", pair("down"), s)
     if cfg.sandwich_norms:
         out = layers.rms_norm(out, lw.post_mlp_norm, cfg.rms_norm_eps, cfg.norm_plus_one)
     x = sharding.constrain(x + out, ("batch", "seq", "embed"), plan)
