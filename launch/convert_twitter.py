@@ -1,15 +1,21 @@
 """Convert the English Twitter rumour events into the generic JSONL event format.
 
-    PYTHONPATH=. python launch/convert_twitter.py \
-        --twitter_dir=../shared/data/twitter/events --out=twitter.jsonl
+    python launch/convert_twitter.py --twitter_dir=../shared/data/twitter/events --out=twitter.jsonl
 
-(`PYTHONPATH=.` is not needed once the package is installed.) Deleted tweets ([null, null]) are
+Deleted tweets ([null, null]) are
 dropped and counted in the report printed at the end.
 """
 
-from absl import app, flags, logging
+import os
+import sys
 
-from mfjax.data import jsonl, twitter
+if __package__ in (None, ""):
+    # Run as a script from a source checkout: make the package importable without installing it.
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags, logging  # noqa: E402
+
+from mfjax.data import jsonl, twitter  # noqa: E402
 
 _TWITTER_DIR = flags.DEFINE_string("twitter_dir", None, "Folder of <name>.json Twitter events.")
 _OUT = flags.DEFINE_string("out", None, "Output JSONL path.")
