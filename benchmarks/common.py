@@ -28,18 +28,24 @@ def device_peaks(kind: str, peak_tflops: float | None = None,
 def cpu_matmul_peak(n: int = 2048, repeats: int = 5) -> float:
     """This CPU's float32 matmul rate (FLOP/s), measured: the best of ``repeats`` jitted n×n @ n×n products
     (XLA's CPU GEMM on every core it uses). The denominator of MFU on a CPU."""
-    import time
-
     import jax
     import jax.numpy as jnp
 
     a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
     b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
     dot = jax.jit(jnp.dot)
-    dot(a, b).block_until_ready()
+    return 2 * n**3 / best_seconds(lambda: dot(a, b).block_until_ready(), repeats)
+
+
+def best_seconds(fn, repeats: int, warmup: int = 1) -> float:
+    """The fastest of ``repeats`` timed calls of ``fn`` after ``warmup`` untimed ones (compilation, caches)."""
+    import time
+
+    for _ in range(warmup):
+        fn()
     best = float("inf")
     for _ in range(repeats):
         t0 = time.perf_counter()
-        dot(a, b).block_until_ready()
+        fn()
         best = min(best, time.perf_counter() - t0)
-    return 2 * n**3 / best
+    return best

@@ -382,18 +382,9 @@ def matmul_rates(cfg, case: Case, dtype: str, repeats: int = 5) -> dict:
     a = jnp.asarray(np.random.default_rng(0).standard_normal((m, k)), dtype)
     b = jnp.asarray(np.random.default_rng(1).standard_normal((k, n)), dtype)
     dot = jax.jit(jnp.dot)
-    dot(a, b).block_until_ready()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        dot(a, b).block_until_ready()
-        best = min(best, time.perf_counter() - start)
+    best = common.best_seconds(lambda: dot(a, b).block_until_ready(), repeats)
     ta, tb = torch.from_numpy(np.asarray(a, np.float32)), torch.from_numpy(np.asarray(b, np.float32))
-    tbest = float("inf")
-    for _ in range(repeats + 1):
-        start = time.perf_counter()
-        torch.matmul(ta, tb)
-        tbest = min(tbest, time.perf_counter() - start)
+    tbest = common.best_seconds(lambda: torch.matmul(ta, tb), repeats + 1, warmup=0)
     return {"shape": [m, k, n], "jax_gflops": flops / best / 1e9, "torch_gflops": flops / tbest / 1e9}
 
 
