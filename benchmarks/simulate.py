@@ -269,40 +269,47 @@ def roofline_seconds(cfg, lengths: dict, reuse: bool, peak_flops: float, hbm_bps
 
 
 # ------------------------------------------------------------------------------------------ peer
-def _run_peer_full(events, workload: Workload, gen, chat, policy_kw, mf_kw, sync, result: dict) -> dict:
-    """The reference loop over every event and step, all timed (events one after another)."""
+def _peer_steps(event, workload: Workload, gen, chat, policy_kw, mf_kw, sync, num_steps: int):
+    """The reference loop on one event, step by step: yields (k, policy seconds, mean-field seconds, the policy
+    batch's real prompt lengths, its padded width, the mean-field prompt's length); warm-up steps take the real
+    actions (no policy call: real lengths [] and width None)."""
     from mfjax.data.events import select_agents
     from mfjax.sim import templates
 
+    language = event.language
+    agents = select_agents(event, workload.num_agents)
+    states = [templates.state_text(a, language=language) for a in agents]
+    m = ""
+    for k in range(num_steps):
+        lo, hi = k * workload.step_size, min((k + 1) * workload.step_size, len(agents))
+        sync()
+        t0 = time.perf_counter()
+        real, width = [], None
+        if k < workload.warmup_steps:
+            actions = [a.action for a in agents[lo:hi]]
+        else:
+            context = templates.group_context("mf", m=m, language=language)
+            prompts = [chat(templates.full_text(templates.policy_segments(event.topic, s, context, language=language)))
+                       for s in states[lo:hi]]
+            actions, real, width = gen(prompts, policy_kw, "policy")
+        sync()
+        t1 = time.perf_counter()
+        (m,), (mf_len,), _ = gen([chat(templates.full_text(templates.mean_field_segments(
+            event.topic, m, actions, language=language)))], mf_kw, "mf")
+        sync()
+        t2 = time.perf_counter()
+        yield k, t1 - t0, t2 - t1, real, width, mf_len
+
+
+def _run_peer_full(events, workload: Workload, gen, chat, policy_kw, mf_kw, sync, result: dict) -> dict:
+    """The reference loop over every event and step, all timed (events one after another)."""
     start = time.perf_counter()
     policy_s = mf_s = 0.0
     for event in events:
-        language = event.language
-        agents = select_agents(event, workload.num_agents)
-        states = [templates.state_text(a, language=language) for a in agents]
-        m = ""
-        for k in range(workload.num_steps):
-            lo, hi = k * workload.step_size, min((k + 1) * workload.step_size, len(agents))
-            sync()
-            t0 = time.perf_counter()
-            if k < workload.warmup_steps:
-                actions = [a.action for a in agents[lo:hi]]
-            else:
-                context = templates.group_context("mf", m=m, language=language)
-                prompts = [chat(templates.full_text(templates.policy_segments(event.topic, s, context,
-                                                                              language=language)))
-                           for s in states[lo:hi]]
-                actions, _, _ = gen(prompts, policy_kw, "policy")
-            sync()
-            t1 = time.perf_counter()
-            (m,), _, _ = gen([chat(templates.full_text(templates.mean_field_segments(event.topic, m, actions,
-                                                                                      language=language)))],
-                             mf_kw, "mf")
-            sync()
-            t2 = time.perf_counter()
-            policy_s, mf_s = policy_s + t1 - t0, mf_s + t2 - t1
-            print(f"  peer {event.event_id} step {k + 1}/{workload.num_steps}: policy {t1 - t0:.2f}s, "
-                  f"mean field {t2 - t1:.2f}s", flush=True)
+        for k, tp, tm, _, _, _ in _peer_steps(event, workload, gen, chat, policy_kw, mf_kw, sync, workload.num_steps):
+            policy_s, mf_s = policy_s + tp, mf_s + tm
+            print(f"  peer {event.event_id} step {k + 1}/{workload.num_steps}: policy {tp:.2f}s, "
+                  f"mean field {tm:.2f}s", flush=True)
     result.update(wall_s=time.perf_counter() - start, policy_total_s=policy_s, mf_total_s=mf_s,
                   extrapolated_from=None, measured="every event and step timed (no extrapolation)")
     return result
@@ -316,9 +323,7 @@ def run_peer(hf_cfg: dict, tok_dir: str, events, workload: Workload, dtype: str,
     import torch
     import transformers
 
-    from mfjax.data.events import select_agents
     from mfjax.io.tokenizer import Tokenizer
-    from mfjax.sim import templates
 
     transformers.logging.set_verbosity_error()
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -357,40 +362,18 @@ def run_peer(hf_cfg: dict, tok_dir: str, events, workload: Workload, dtype: str,
 
         if full:
             return _run_peer_full(events, workload, gen, chat, policy_kw, mf_kw, sync, result)
-        event = events[0]
-        language = event.language
-        agents = select_agents(event, workload.num_agents)
-        states = [templates.state_text(a, language=language) for a in agents]
-        m = ""
         last_timed = workload.warmup_steps + 1 + steps
         if last_timed > workload.num_steps:
             raise ValueError(f"--peer_steps={steps} needs {last_timed} steps, the event has {workload.num_steps}")
         timed, lens = [], {"policy_prompt": [], "policy_width": [], "mf_prompt": []}
-        for k in range(last_timed):
-            lo, hi = k * workload.step_size, min((k + 1) * workload.step_size, len(agents))
-            sync()
-            t0 = time.perf_counter()
-            if k < workload.warmup_steps:
-                actions = [a.action for a in agents[lo:hi]]
-            else:
-                context = templates.group_context("mf", m=m, language=language)
-                prompts = [chat(templates.full_text(templates.policy_segments(event.topic, s, context, language=language)))
-                           for s in states[lo:hi]]
-                actions, real, width = gen(prompts, policy_kw, "policy")
-                if k > workload.warmup_steps:
-                    lens["policy_prompt"] += real
-                    lens["policy_width"].append(width)
-            sync()
-            t1 = time.perf_counter()
-            (m,), (mf_len,), _ = gen([chat(templates.full_text(templates.mean_field_segments(
-                event.topic, m, actions, language=language)))], mf_kw, "mf")
-            sync()
-            t2 = time.perf_counter()
+        for k, tp, tm, real, width, mf_len in _peer_steps(events[0], workload, gen, chat, policy_kw, mf_kw, sync,
+                                                           last_timed):
             phase = "warm-up" if k < workload.warmup_steps else ("untimed" if k == workload.warmup_steps else "timed")
-            print(f"  peer step {k + 1}/{last_timed} ({phase}): policy {t1 - t0:.3f}s, mean field {t2 - t1:.3f}s",
-                  flush=True)
+            print(f"  peer step {k + 1}/{last_timed} ({phase}): policy {tp:.3f}s, mean field {tm:.3f}s", flush=True)
             if k > workload.warmup_steps:
-                timed.append({"step": k, "policy_s": t1 - t0, "mf_s": t2 - t1})
+                timed.append({"step": k, "policy_s": tp, "mf_s": tm})
+                lens["policy_prompt"] += real
+                lens["policy_width"].append(width)
                 lens["mf_prompt"].append(mf_len)
         t_policy = statistics.median(s["policy_s"] for s in timed)
         t_mf = statistics.median(s["mf_s"] for s in timed)
