@@ -55,9 +55,9 @@ _logits = jax.jit(decoder.forward_logits, static_argnames=("cfg",))
 _sft = jax.jit(losses.sft_loss, static_argnames=("cfg", "remat"))
 
 
-def hand_logprobs(weights, cfg, batch, lora=None, temperature=1.0) -> list[np.ndarray]:
-    """Per row, log p of its target tokens from one plain forward over the concatenated sequence
-    prefix + prompt + target (no grouped prefix, no blockwise scoring), rows right-padded to one width."""
+def full_sequences(batch: losses.ScoreBatch):
+    """A score batch written out as whole rows (prefix + prompt + target, right-padded to one width): the rows,
+    each row's (target start, target length), and the int64 token and mask arrays [rows, width]."""
     E, R = batch.prefix.shape[0], batch.prompt.shape[0] // batch.prefix.shape[0]
     seqs, spans = [], []
     for i in range(E * R):
@@ -68,11 +68,18 @@ def hand_logprobs(weights, cfg, batch, lora=None, temperature=1.0) -> list[np.nd
                                     np.asarray(batch.target[i, :tl])]))
         spans.append((pl + sl, tl))
     width = max(len(q) for q in seqs)
-    tokens = np.zeros((len(seqs), width), np.int32)
-    mask = np.zeros((len(seqs), width), np.int32)
+    tokens = np.zeros((len(seqs), width), np.int64)
+    mask = np.zeros((len(seqs), width), np.int64)
     for i, q in enumerate(seqs):
         tokens[i, :len(q)], mask[i, :len(q)] = q, 1
-    logits = np.asarray(_logits(weights, cfg, jnp.asarray(tokens), jnp.asarray(mask), lora=lora), np.float64)
+    return seqs, spans, tokens, mask
+
+
+def hand_logprobs(weights, cfg, batch, lora=None, temperature=1.0) -> list[np.ndarray]:
+    """Per row, log p of its target tokens from one plain forward over the concatenated sequence
+    prefix + prompt + target (no grouped prefix, no blockwise scoring), rows right-padded to one width."""
+    seqs, spans, tokens, mask = full_sequences(batch)
+    logits = np.asarray(_logits(weights, cfg, jnp.asarray(tokens, jnp.int32), jnp.asarray(mask, jnp.int32), lora=lora), np.float64)
     logp = np.asarray(jax.nn.log_softmax(logits / temperature, axis=-1))
     return [np.array([logp[i, start - 1 + j, seqs[i][start + j]] for j in range(tl)])
             for i, (start, tl) in enumerate(spans)]

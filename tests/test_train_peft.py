@@ -103,20 +103,9 @@ def test_peft_saved_adapter_round_trips_bit_for_bit(tiny, tmp_path):
 
 def _torch_sft_loss(model, batch: losses.ScoreBatch) -> torch.Tensor:
     """sft_loss written out on full sequences (prefix + prompt + target) in torch."""
-    E = batch.prefix.shape[0]
-    R = batch.prompt.shape[0] // E
-    rows, spans = [], []
-    for i in range(E * R):
-        pl, sl, tl = int(batch.prefix_len[i // R]), int(batch.prompt_len[i]), int(batch.target_len[i])
-        rows.append(np.concatenate([np.asarray(batch.prefix[i // R, :pl]),
-                                    np.asarray(batch.prompt[i, batch.prompt.shape[1] - sl:]),
-                                    np.asarray(batch.target[i, :tl])]))
-        spans.append((pl + sl, tl))
-    width = max(len(r) for r in rows)
-    ids = np.zeros((len(rows), width), np.int64)
-    mask = np.zeros((len(rows), width), np.int64)
-    for i, r in enumerate(rows):
-        ids[i, :len(r)], mask[i, :len(r)] = r, 1
+    from test_train_losses import full_sequences
+
+    rows, spans, ids, mask = full_sequences(batch)
     positions = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)
     logits = model(input_ids=torch.as_tensor(ids), attention_mask=torch.as_tensor(mask),
                    position_ids=torch.as_tensor(positions)).logits.float()
